@@ -1,0 +1,156 @@
+"""The real-master harness itself, proven against the reference worker (buildbot-worker 4.3.0).
+
+These tests need ``BUILDBOT_MASTER_VENV`` (``ci/test.sh`` sets it); without it they skip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import MasterFactory
+from realmaster import (
+    HarnessError,
+    RealMaster,
+    WorkerProcess,
+    descendants,
+    kill_processes,
+    leftover_processes,
+    master_fixture,
+    normalize_stdio,
+)
+
+SECRET = "secretvalue"
+
+master = master_fixture(
+    {
+        # PROTOCOL.md §4.5's example, on a builder named 'testy' as in the interop suite
+        "testy": "[steps.ShellCommand(command=['echo', 'hello', 'a b', ''])]",
+        "props": "[steps.SetPropertyFromCommand(command=['echo', util.Property('foo')],"
+        " property='echoed')]",
+        "fails": "[steps.ShellCommand(command='echo out; echo err >&2; exit 3')]",
+        "secret": "[steps.ShellCommand(command=['echo', util.Interpolate('%(secret:pw)s')])]",
+        "sleepy0": "[steps.ShellCommand(command=['sleep', '2'])]",
+        "sleepy1": "[steps.ShellCommand(command=['sleep', '2'])]",
+        "sleepy2": "[steps.ShellCommand(command=['sleep', '2'])]",
+        "orphan": "[steps.ShellCommand(command='setsid sleep 120 </dev/null >/dev/null 2>&1 &')]",
+    },
+    workers=("w1", "w2"),
+    extra_config=f"""
+from buildbot.test.fake.secrets import FakeSecretStorage
+c['secretsProviders'] = [FakeSecretStorage(secretdict={{'pw': {SECRET!r}}})]
+""",
+)
+
+# PROTOCOL.md §4.5: the stored stdio log of the reference worker started with an empty env
+EXPECTED_ECHO_STDIO = (
+    "hecho hello 'a b' \"\"\n"
+    "h in dir <BASEDIR>/testy/build (timeout 1200 secs)\n"
+    "h watching logfiles {}\n"
+    "h argv: [b'echo', b'hello', b'a b', b'']\n"
+    "h environment:\n"
+    "h  LC_CTYPE=C.UTF-8\n"
+    "h  PWD=<BASEDIR>/testy/build\n"
+    "h using PTY: False\n"
+    "ohello a b \n"
+    "hprogram finished with exit code 0\n"
+    "helapsedTime=<ELAPSED>\n"
+)
+
+
+@pytest.fixture(scope="module")
+def worker(master: RealMaster, reference_worker: str) -> Iterator[WorkerProcess]:
+    w = master.start_worker(reference_worker, "w1")
+    yield w
+    w.stop()
+
+
+def test_echo_stdio_matches_protocol_reference(master: RealMaster, worker: WorkerProcess) -> None:
+    build = master.force_build("testy")
+    assert build.result == "SUCCESS", build.describe()
+    shell = build.step("shell")
+    assert shell.result == "SUCCESS"
+    assert shell.log_types["stdio"] == "s"
+    assert normalize_stdio(shell.logs["stdio"], worker.basedir) == EXPECTED_ECHO_STDIO
+    assert shell.stream("stdio", "o") == "hello a b \n"
+    assert build.properties["workername"] == "w1"
+
+
+def test_properties_go_in_and_come_out(master: RealMaster, worker: WorkerProcess) -> None:
+    value = "two words & 'quotes' ünïcode"
+    build = master.force_build("props", properties={"foo": value})
+    assert build.result == "SUCCESS", build.describe()
+    assert build.properties["foo"] == value
+    assert build.property_sources["foo"] == "Force Build Form"
+    assert build.properties["echoed"] == value
+    assert build.property_sources["echoed"] == "SetPropertyFromCommand Step"
+
+
+def test_failure_exit_code_and_stderr(master: RealMaster, worker: WorkerProcess) -> None:
+    build = master.force_build("fails")
+    assert build.result == "FAILURE", build.describe()
+    stdio = build.step("shell").logs["stdio"]
+    assert build.step("shell").stream("stdio", "o") == "out\n"
+    assert build.step("shell").stream("stdio", "e") == "err\n"
+    assert "hprogram finished with exit code 3\n" in stdio
+    assert stdio.startswith("hecho out; echo err >&2; exit 3\n")
+
+
+def test_secrets_are_scrubbed_by_the_master(master: RealMaster, worker: WorkerProcess) -> None:
+    build = master.force_build("secret")
+    assert build.result == "SUCCESS", build.describe()
+    stdio = build.step("shell").logs["stdio"]
+    assert stdio.startswith("hecho <pw>\n")
+    assert "o<pw>\n" in stdio
+    assert SECRET not in stdio
+
+
+def test_concurrent_builds_overlap(master: RealMaster, worker: WorkerProcess) -> None:
+    builds = master.force_builds([(f"sleepy{i}", None) for i in range(3)] + [("testy", None)])
+    assert [b.result for b in builds] == ["SUCCESS"] * 4, "\n".join(b.describe() for b in builds)
+    sleepers = builds[:3]
+    # all three 2 s sleeps were running at the same time (timestamps are whole seconds)
+    assert max(b.started_at or 0 for b in sleepers) < min(b.complete_at or 0 for b in sleepers)
+
+
+def test_timeout_reports_master_and_worker_logs(master: RealMaster, worker: WorkerProcess) -> None:
+    request = master.request_build("sleepy0")
+    with pytest.raises(HarnessError) as info:
+        master.wait_build(request, timeout=0.3)
+    message = str(info.value)
+    assert "timed out after 0.3s" in message
+    assert "master twistd.log tail" in message
+    assert "worker w1" in message and "twistd.log tail" in message
+    assert master.wait_build(request).result == "SUCCESS"
+
+
+def test_leftover_processes_are_detected(master: RealMaster, worker: WorkerProcess) -> None:
+    baseline = {p.pid for p in descendants()}
+    build = master.force_build("orphan")
+    assert build.result == "SUCCESS", build.describe()
+    leftovers = leftover_processes(baseline, grace=0.5)
+    kill_processes(leftovers)
+    assert [p.cmdline for p in leftovers] == ["sleep 120"]
+    assert leftover_processes(baseline, grace=2) == []
+
+
+def test_second_worker_starts_and_stops(master: RealMaster, reference_worker: str) -> None:
+    w2 = master.start_worker(reference_worker, "w2")
+    assert master.is_worker_connected("w2")
+    info = master.worker_info("w2")["workerinfo"]
+    assert info["version"] == "4.3.0"
+    assert info["admin"] == "Your Name Here <admin@youraddress.invalid>\n"
+    assert (w2.basedir / "buildbot.tac").exists()
+    assert w2.stop() is not None
+    master.wait_worker_disconnected("w2")
+    assert not w2.running()
+
+
+def test_fresh_master_per_test(make_master: MasterFactory, reference_worker: str) -> None:
+    started = time.monotonic()
+    m = make_master({"b": "util.BuildFactory([steps.ShellCommand(command=['true'])])"})
+    m.start_worker(reference_worker)
+    build = m.force_build("b")
+    assert build.result == "SUCCESS", build.describe()
+    assert time.monotonic() - started < 30
