@@ -1,0 +1,353 @@
+"""Pure-Python twin of the C I/O core: same names, same results, no C needed.
+
+The tar writer mirrors ``tarfile.TarFile.add(root, arcname='')`` (it builds
+the same ``TarInfo`` objects and lets ``TarInfo.tobuf`` render the headers)
+but produces the archive incrementally.
+"""
+
+from __future__ import annotations
+
+import bz2
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from types import TracebackType
+
+from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
+
+try:
+    import grp
+    import pwd
+except ImportError:  # pragma: no cover - not on POSIX
+    grp = None  # type: ignore[assignment]
+    pwd = None  # type: ignore[assignment]
+
+__all__ = [
+    "FEATURES",
+    "FRAME_HEADER",
+    "TarStream",
+    "copy_file",
+    "features",
+    "recv_to_file",
+    "send_file_frames",
+    "set_features",
+]
+
+FEATURES: frozenset[str] = frozenset()
+"""The Python twin uses plain read/write only."""
+
+_ENCODING = sys.getfilesystemencoding()
+_RW_BUF = 256 * 1024
+_DATA_CHUNK = 64 * 1024
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+def features() -> set[str]:
+    """Optional syscalls in use: none for the Python twin."""
+    return set()
+
+
+def set_features(names: set[str] | frozenset[str]) -> set[str]:
+    """Accepted for interface parity; the Python twin has no optional syscalls."""
+    return set()
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    """Read up to n bytes, fewer only at EOF."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def send_file_frames(src_fd: int, out_fd: int, kind: int, channel: int, count: int,
+                     frame_max: int) -> int:
+    """Send up to ``count`` bytes of ``src_fd`` to ``out_fd`` as frames; return bytes sent."""
+    check_frame_args(kind, channel, count, frame_max)
+    sent = 0
+    while sent < count:
+        data = _read_exact(src_fd, min(frame_max, count - sent))
+        if data:
+            _write_all(out_fd, FRAME_HEADER.pack(len(data), kind, channel, 0) + data)
+            sent += len(data)
+        if len(data) < min(frame_max, count - (sent - len(data))):
+            break
+    return sent
+
+
+def recv_to_file(in_fd: int, dst_fd: int, count: int) -> int:
+    """Move exactly ``count`` bytes from the pipe ``in_fd`` into ``dst_fd``."""
+    if count < 0:
+        raise ValueError("count must be >= 0")
+    done = 0
+    while done < count:
+        data = os.read(in_fd, min(_RW_BUF, count - done))
+        if not data:
+            raise EOFError(f"pipe closed before {count} bytes arrived")
+        _write_all(dst_fd, data)
+        done += len(data)
+    return done
+
+
+def copy_file(src_path: str, dst_path: str) -> None:
+    """Copy ``src_path`` to ``dst_path`` (created or truncated) and copy its mode."""
+    shutil.copyfile(src_path, dst_path)
+    shutil.copymode(src_path, dst_path)
+
+
+class _Names:
+    """uid/gid -> user/group name lookups, cached like the C core."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            name = ""
+            if pwd is not None:
+                try:
+                    name = pwd.getpwuid(uid)[0]
+                except KeyError:
+                    pass
+            self._users[uid] = name
+        return name
+
+    def group(self, gid: int) -> str:
+        name = self._groups.get(gid)
+        if name is None:
+            name = ""
+            if grp is not None:
+                try:
+                    name = grp.getgrgid(gid)[0]
+                except KeyError:
+                    pass
+            self._groups[gid] = name
+        return name
+
+
+class TarStream:
+    """Incremental tar archive of the tree at ``root`` (see the package docstring)."""
+
+    def __init__(self, root: str, compress: str | None, level: int = 9, *,
+                 gzip_mtime: int | None = None) -> None:
+        check_tar_args(compress, level)
+        self._compress = compress
+        self._names = _Names()
+        self._inodes: dict[tuple[int, int], str] = {}
+        self._out = bytearray()
+        self._closed = False
+        self._path = root
+        self._arc = ""
+        self._crc = zlib.crc32(b"")
+        self._isize = 0
+        self._zobj: zlib._Compress | None = None
+        self._bobj: bz2.BZ2Compressor | None = None
+        if compress == "gz":
+            self._zobj = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
+                                          zlib.DEF_MEM_LEVEL, 0)
+            ts = int(time.time()) if gzip_mtime is None else gzip_mtime & 0xFFFFFFFF
+            self._out += b"\037\213\010\010" + ts.to_bytes(4, "little") + b"\002\377\000"
+        elif compress == "bz2":
+            self._bobj = bz2.BZ2Compressor(level)
+        # the root entry (and its listing) now, so unreadable roots raise here
+        first = self._entry(root, "", is_root=True)
+        self._gen: Iterator[bytes] | None = self._generate(first)
+
+    # -- archive generation --------------------------------------------
+
+    def _tarinfo(self, path: str, arcname: str, st: os.stat_result) -> tarfile.TarInfo | None:
+        """tarfile.TarFile.gettarinfo(), with hard links tracked only for st_nlink > 1."""
+        info = tarfile.TarInfo(arcname)
+        mode = st.st_mode
+        linkname = ""
+        if stat.S_ISREG(mode):
+            inode = (st.st_ino, st.st_dev)
+            prev = self._inodes.get(inode) if st.st_nlink > 1 else None
+            if prev is not None and prev != arcname:
+                ftype = tarfile.LNKTYPE
+                linkname = prev
+            else:
+                ftype = tarfile.REGTYPE
+                if st.st_nlink > 1 and inode[0]:
+                    self._inodes[inode] = arcname
+        elif stat.S_ISDIR(mode):
+            ftype = tarfile.DIRTYPE
+        elif stat.S_ISFIFO(mode):
+            ftype = tarfile.FIFOTYPE
+        elif stat.S_ISLNK(mode):
+            ftype = tarfile.SYMTYPE
+            linkname = os.readlink(path)
+        elif stat.S_ISCHR(mode):
+            ftype = tarfile.CHRTYPE
+        elif stat.S_ISBLK(mode):
+            ftype = tarfile.BLKTYPE
+        else:
+            return None
+        info.mode = mode
+        info.uid = st.st_uid
+        info.gid = st.st_gid
+        info.size = st.st_size if ftype == tarfile.REGTYPE else 0
+        info.mtime = st.st_mtime
+        info.type = ftype
+        info.linkname = linkname
+        info.uname = self._names.user(st.st_uid)
+        info.gname = self._names.group(st.st_gid)
+        if ftype in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            info.devmajor = os.major(st.st_rdev)
+            info.devminor = os.minor(st.st_rdev)
+        return info
+
+    def _entry(self, path: str, arcname: str, is_root: bool = False
+               ) -> tuple[bytes, int | None, int, list[str] | None] | None:
+        """Header bytes, open fd (or None), data size and sorted listing for one entry."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if is_root:
+                raise
+            return None  # vanished: skipped
+        info = self._tarinfo(path, arcname, st)
+        if info is None:
+            return None  # socket: tarfile skips it
+        fd: int | None = None
+        if info.type == tarfile.REGTYPE and info.size > 0:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # vanished since lstat: zeros
+        header = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, "surrogateescape")
+        listing: list[str] | None = None
+        if info.type == tarfile.DIRTYPE:
+            try:
+                listing = sorted(os.listdir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                if is_root:
+                    raise
+                listing = []
+        size = info.size if info.type == tarfile.REGTYPE else 0
+        return header, fd, size, listing
+
+    def _file_data(self, fd: int, size: int) -> Iterator[bytes]:
+        """File contents; zeros up to ``size`` if the file vanished or shrank."""
+        left = size
+        try:
+            while left > 0:
+                n = min(left, _DATA_CHUNK)
+                data = os.read(fd, n) if fd >= 0 else b""
+                if not data:
+                    if fd >= 0:
+                        os.close(fd)
+                        fd = -1
+                    data = bytes(n)
+                yield data
+                left -= len(data)
+            pad = -size % _BLOCK
+            if pad:
+                yield bytes(pad)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _generate(self, first: tuple[bytes, int | None, int, list[str] | None] | None
+                  ) -> Iterator[bytes]:
+        total = 0
+        stack: list[tuple[str, str, Iterator[str]]] = []
+        current = first
+        while True:
+            if current is not None:
+                header, fd, size, listing = current
+                total += len(header)
+                yield header
+                if fd is not None:
+                    for piece in self._file_data(fd, size):
+                        total += len(piece)
+                        yield piece
+                if listing is not None:
+                    stack.append((self._path, self._arc, iter(listing)))
+            current = None
+            while stack:
+                dpath, darc, names = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    continue
+                self._path = os.path.join(dpath, name)
+                self._arc = os.path.join(darc, name)
+                current = self._entry(self._path, self._arc)
+                if current is not None:
+                    break
+            if current is None and not stack:
+                break
+        tail = 2 * _BLOCK
+        tail += -(total + tail) % _RECORD
+        yield bytes(tail)
+
+    # -- public API ----------------------------------------------------
+
+    def read(self, max_bytes: int) -> bytes:
+        """Return the next ``max_bytes`` of the archive (fewer only at the end, ``b''`` after)."""
+        if self._closed:
+            raise ValueError("read from a closed TarStream")
+        while len(self._out) < max_bytes and self._gen is not None:
+            piece = next(self._gen, None)
+            if piece is None:
+                self._gen = None
+                self._finish()
+                break
+            self._feed(piece)
+        data = bytes(self._out[:max_bytes])
+        del self._out[:max_bytes]
+        return data
+
+    def _feed(self, piece: bytes) -> None:
+        if self._zobj is not None:
+            self._crc = zlib.crc32(piece, self._crc)
+            self._isize += len(piece)
+            self._out += self._zobj.compress(piece)
+        elif self._bobj is not None:
+            self._out += self._bobj.compress(piece)
+        else:
+            self._out += piece
+
+    def _finish(self) -> None:
+        if self._zobj is not None:
+            self._out += self._zobj.flush()
+            self._out += self._crc.to_bytes(4, "little")
+            self._out += (self._isize & 0xFFFFFFFF).to_bytes(4, "little")
+        elif self._bobj is not None:
+            self._out += self._bobj.flush()
+
+    def close(self) -> None:
+        """Release the open file and compressor state."""
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()  # type: ignore[attr-defined]
+        self._out.clear()
+        self._closed = True
+
+    def __enter__(self) -> TarStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
