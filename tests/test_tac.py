@@ -1,0 +1,256 @@
+"""Tests for pyworker.tac: the create-worker template and the non-executing tac loader."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyworker.config import PROTOCOL_MSGPACK, WorkerConfig
+from pyworker.tac import (
+    TAC_MARKER,
+    TacError,
+    TacOptions,
+    check_worker_dir,
+    load_tac,
+    make_tac,
+    parse_tac,
+    write_tac,
+)
+
+
+def reference_worker() -> str | None:
+    """The reference ``buildbot-worker`` executable, if this machine has one."""
+    candidate = os.environ.get("REFERENCE_WORKER") or "/tmp/setup/master/bin/buildbot-worker"
+    return candidate if os.access(candidate, os.X_OK) else None
+
+
+needs_reference = pytest.mark.skipif(reference_worker() is None, reason="no reference worker")
+
+
+def reference_create(basedir: Path, *args: str) -> str:
+    ref = reference_worker()
+    assert ref is not None
+    subprocess.run(
+        [ref, "create-worker", "-q", *args[:-3], str(basedir), *args[-3:]],
+        check=True,
+        capture_output=True,
+    )
+    return (basedir / "buildbot.tac").read_text()
+
+
+def write(path: Path, text: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "buildbot.tac").write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# writer
+
+
+def test_default_tac_is_python_with_marker(tmp_path: Path) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "master.example", 9989, "w", "pw"))
+    compile(text, "buildbot.tac", "exec")
+    assert TAC_MARKER in text
+    assert f"basedir = {str(tmp_path)!r}" in text
+    assert "rotateLength = 10000000\nmaxRotatedFiles = 10\n" in text
+    assert "use_tls = 0\ndelete_leftover_dirs = 0\n" in text
+
+
+@needs_reference
+@pytest.mark.parametrize(
+    "cli_args, opts",
+    [
+        ((), {}),
+        (("-r",), {"relocatable": True}),
+        (("-n",), {"no_logrotate": True}),
+        (
+            ("--umask=0o22", "-k", "0", "--maxretries=3", "--numcpus=4", "-l", "None"),
+            {"umask": "0o22", "keepalive": 0, "maxretries": "3", "numcpus": "4",
+             "log_count": "None"},
+        ),
+        (
+            ("--use-tls", "--delete-leftover-dirs", "-a", "file", "--protocol",
+             PROTOCOL_MSGPACK, "-s", "1234", "--maxdelay=7"),
+            {"use_tls": True, "delete_leftover_dirs": True, "allow_shutdown": "file",
+             "protocol": PROTOCOL_MSGPACK, "log_size": 1234, "maxdelay": 7},
+        ),
+        (
+            ("--connection-string=tcp:host=m:port=1", "--proxy-connection-string=tcp:p:3"),
+            {"connection_string": "tcp:host=m:port=1", "proxy_connection_string": "tcp:p:3"},
+        ),
+    ],
+)
+def test_make_tac_matches_reference(tmp_path: Path, cli_args: tuple[str, ...],
+                                    opts: dict[str, object]) -> None:
+    ref_dir = tmp_path / "ref"
+    expected = reference_create(ref_dir, *cli_args, "m.example:1234", "wörker", "p'w\"d")
+    ours = make_tac(TacOptions(str(ref_dir), "m.example", 1234, "wörker", "p'w\"d",
+                               **opts))  # type: ignore[arg-type]
+    assert ours == expected
+
+
+def test_write_tac_modes_and_new_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    with out.open("w") as f:
+        assert write_tac(str(tmp_path), "one", False, f) == str(tmp_path / "buildbot.tac")
+        assert write_tac(str(tmp_path), "one", False, f) == str(tmp_path / "buildbot.tac")
+        assert write_tac(str(tmp_path), "two", False, f) == str(tmp_path / "buildbot.tac.new")
+    assert (tmp_path / "buildbot.tac").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "buildbot.tac.new").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "buildbot.tac").read_text() == "one"
+    assert out.read_text().splitlines() == [
+        "buildbot.tac already exists and is correct",
+        "not touching existing buildbot.tac",
+        "creating buildbot.tac.new instead",
+    ]
+
+
+def test_check_worker_dir(tmp_path: Path) -> None:
+    missing = check_worker_dir(str(tmp_path))
+    assert missing == (
+        f"error reading '{tmp_path}/buildbot.tac': No such file or directory\n"
+        f"invalid worker directory '{tmp_path}'"
+    )
+    write(tmp_path, "print('hello')\n")
+    assert check_worker_dir(str(tmp_path)) == (
+        f"unexpected content in '{tmp_path}/buildbot.tac'\n"
+        f"invalid worker directory '{tmp_path}'"
+    )
+    write(tmp_path, make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p")))
+    assert check_worker_dir(str(tmp_path)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# loader
+
+
+def test_load_default_tac(tmp_path: Path) -> None:
+    write(tmp_path, make_tac(TacOptions(str(tmp_path), "master.example", 9989, "w1", "s3cret")))
+    config = load_tac(str(tmp_path))
+    assert config == WorkerConfig(
+        basedir=str(tmp_path), workername="w1", password="s3cret",
+        master_host="master.example", port=9989, keepalive=600, maxdelay=300,
+    )
+    assert "s3cret" not in repr(config)
+    assert load_tac(str(tmp_path / "buildbot.tac")) == config
+
+
+@needs_reference
+def test_load_reference_written_tacs(tmp_path: Path) -> None:
+    reference_create(tmp_path / "a", "--umask=0o22", "-k", "0", "--maxretries=5",
+                     "--use-tls", "-a", "signal", "-s", "500", "-l", "None",
+                     "[::1]:4000", "wa", "pa")
+    a = load_tac(str(tmp_path / "a"))
+    assert (a.master_host, a.port, a.workername, a.password) == ("::1", 4000, "wa", "pa")
+    assert a.umask == 0o22 and a.keepalive is None and a.maxretries == 5
+    assert a.use_tls and a.allow_shutdown == "signal" and not a.delete_leftover_dirs
+    assert (a.log_rotate, a.rotate_length, a.max_rotated_files) == (True, 500, None)
+
+    reference_create(tmp_path / "b", "-r", "-n", "--connection-string=tcp:host=h:port=2",
+                     "--protocol=" + PROTOCOL_MSGPACK, "--delete-leftover-dirs",
+                     "h:1", "wb", "pb")
+    shutil.move(tmp_path / "b", tmp_path / "moved")
+    b = load_tac(str(tmp_path / "moved"))
+    assert b.basedir == str(tmp_path / "moved")
+    assert (b.master_host, b.port, b.connection_string) == (None, None, "tcp:host=h:port=2")
+    assert b.protocol == PROTOCOL_MSGPACK and b.delete_leftover_dirs
+    # twistd's own --logfile defaults apply without the tac's log block
+    assert (b.log_rotate, b.rotate_length, b.max_rotated_files) == (False, 1_000_000, None)
+
+
+def test_relocatable_and_relative_basedir(tmp_path: Path) -> None:
+    opts = TacOptions("/somewhere/else", "h", 1, "n", "p", relocatable=True)
+    write(tmp_path / "r", make_tac(opts))
+    assert load_tac(str(tmp_path / "r")).basedir == str(tmp_path / "r")
+    text = make_tac(TacOptions("sub", "h", 1, "n", "p"))
+    write(tmp_path / "rel", text)
+    assert load_tac(str(tmp_path / "rel")).basedir == str(tmp_path / "rel" / "sub")
+
+
+HAND_EDITED = '''
+import os
+from buildbot_worker.bot import Worker
+from twisted.application import service
+
+basedir = os.path.abspath(os.path.dirname(__file__))
+rotateLength = 10 * 1024 * 1024
+maxRotatedFiles = 3
+application = service.Application('buildbot-worker')
+from twisted.python.logfile import LogFile
+from twisted.python.log import ILogObserver, FileLogObserver
+logfile = LogFile.fromFullPath(os.path.join(basedir, "twistd.log"),
+                               rotateLength=rotateLength, maxRotatedFiles=maxRotatedFiles)
+application.setComponent(ILogObserver, FileLogObserver(logfile).emit)
+
+MASTER = "ci.example.org"   # edited by hand
+prefix = "worker-"
+try:
+    import resource
+except ImportError:
+    resource = None
+s = Worker(MASTER, 9990 + 1, prefix + "linux", "hand" "written", basedir, 0,
+           umask=0o002, maxdelay=60, protocol="pb", useTls=True, maxRetries=None)
+s.setServiceParent(application)
+'''
+
+
+def test_hand_edited_tac(tmp_path: Path) -> None:
+    config = load_tac(str(write(tmp_path, HAND_EDITED)))
+    assert config.basedir == str(tmp_path)
+    assert (config.master_host, config.port) == ("ci.example.org", 9991)
+    assert (config.workername, config.password) == ("worker-linux", "handwritten")
+    assert config.keepalive is None and config.umask == 0o002 and config.maxdelay == 60
+    assert config.use_tls and config.protocol == "pb"
+    assert (config.log_rotate, config.rotate_length, config.max_rotated_files) == (
+        True, 10 * 1024 * 1024, 3)
+
+
+def test_template_variables_without_worker_call(tmp_path: Path) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "h", 5, "n", "p", maxretries="7"))
+    text = text[: text.index("s = Worker(")]
+    config = load_tac(str(write(tmp_path, text)))
+    assert (config.master_host, config.port, config.maxretries) == ("h", 5, 7)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("passwd = 'SECRETPW'", "passwd = open('/etc/hostname').read()"), "'passwd'"),
+        (("passwd = 'SECRETPW'", "passwd = os.environ['WORKERPASS']"), "'passwd'"),
+        (("workername = 'n'", "if os.getuid():\n    workername = 'x'"), "'workername'"),
+        (("protocol = 'pb'", "protocol = 'carrier-pigeon'"), "Unknown protocol"),
+        (("port = 1", "port = 'abc'"), "port must be a number"),
+        (("keepalive = 600", "keepalive = '600'"), "keepalive must be int or None"),
+        (("connection_string = None", "connection_string = 'tcp:h:1'"), "connection string"),
+        (("workername = 'n'", "workername = ("), "syntax error"),
+        ((TAC_MARKER, "Application('something-else')"), "not a buildbot worker tac"),
+        (("maxRotatedFiles = 10", "maxRotatedFiles = len([])"), "maxRotatedFiles"),
+    ],
+)
+def test_bad_tacs(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "SECRETPW"))
+    assert edit[0] in text
+    write(tmp_path, text.replace(edit[0], edit[1]))
+    with pytest.raises(TacError) as info:
+        load_tac(str(tmp_path))
+    assert message in str(info.value)
+    assert "SECRETPW" not in str(info.value)
+
+
+def test_loader_never_executes(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p"))
+    text += f"\nopen({str(marker)!r}, 'w').close()\nimport sys; sys.exit(3)\n"
+    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
+    assert config.workername == "n"
+    assert not marker.exists()
+
+
+def test_unreadable_tac(tmp_path: Path) -> None:
+    with pytest.raises(TacError, match="No such file"):
+        load_tac(str(tmp_path))
