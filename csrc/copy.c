@@ -197,7 +197,8 @@ static ssize_t splice_some(int in, int out, size_t len)
 /* Zero-copy path: splice the payload from the file into a private pipe
  * first (so its exact length is known), then write the header and splice
  * the private pipe into out_fd.  Returns -EINVAL before consuming anything
- * if src_fd cannot be spliced, so the caller can fall back. */
+ * if src_fd cannot be spliced or a frame does not fit in the private pipe,
+ * so the caller can fall back to read/write. */
 static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int64_t count,
                              int64_t frame_max)
 {
@@ -212,14 +213,19 @@ static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int6
         rc = -errno;
         goto out;
     }
-    if (cap < frame_max && cap < count) {
+    {
+        /* frames must not depend on the path taken: the whole frame has to
+         * fit in the private pipe, else use read/write */
         int64_t target = frame_max < count ? frame_max : count;
-        int r;
-        if (target > SPLICE_CHUNK)
-            target = SPLICE_CHUNK;
-        r = fcntl(p[1], F_SETPIPE_SZ, (int)target);
-        if (r > 0)
-            cap = r;
+        if (cap < target && target <= SPLICE_CHUNK) {
+            int r = fcntl(p[1], F_SETPIPE_SZ, (int)target);
+            if (r > 0)
+                cap = r;
+        }
+        if (cap < target) {
+            rc = -EINVAL;
+            goto out;
+        }
     }
     while (sent < count) {
         int64_t want = count - sent;
@@ -228,8 +234,6 @@ static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int6
         uint8_t hdr[FRAME_HDR];
         if (want > frame_max)
             want = frame_max;
-        if (want > cap)
-            want = cap;
         while (got < want) {
             ssize_t r = splice_some(src_fd, p[1], (size_t)(want - got));
             if (r < 0) {

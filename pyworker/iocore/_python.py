@@ -84,12 +84,13 @@ def send_file_frames(src_fd: int, out_fd: int, kind: int, channel: int, count: i
     check_frame_args(kind, channel, count, frame_max)
     sent = 0
     while sent < count:
-        data = _read_exact(src_fd, min(frame_max, count - sent))
+        want = min(frame_max, count - sent)
+        data = _read_exact(src_fd, want)
         if data:
             _write_all(out_fd, FRAME_HEADER.pack(len(data), kind, channel, 0) + data)
             sent += len(data)
-        if len(data) < min(frame_max, count - (sent - len(data))):
-            break
+        if len(data) < want:
+            break  # EOF
     return sent
 
 
