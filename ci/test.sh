@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one test command: `bash ci/test.sh` (CI runs it through .ci/run).
+#
+# Stages: setup (ci/setup.sh) -> ruff -> pytest tests/ once per I/O backend
+# (PYWORKER_IO=c, PYWORKER_IO=python) -> Buildbot's interop suite against pyworker
+# (cases in ci/interop-cases.txt) -> bench/ in short mode. Every stage after setup runs
+# even if an earlier one failed; the exit code is non-zero if any stage failed.
+# pytest's exit code 5 ("no tests collected") counts as success.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+MASTER_VENV="$ROOT/.venvs/master"
+WORKER_VENV="$ROOT/.venvs/worker"
+STAGE_TIMEOUT="${CI_STAGE_TIMEOUT:-1200}"   # seconds per stage, so a hang cannot eat CI
+
+STAGES=()
+RESULTS=()
+TIMES=()
+
+banner() { printf '\n======== %s ========\n' "$*"; }
+
+# run_stage <name> <allow-exit-5: yes|no> <command...>
+run_stage() {
+    local name="$1" allow5="$2"
+    shift 2
+    banner "$name"
+    local start rc
+    start=$(date +%s)
+    timeout --kill-after=30 "$STAGE_TIMEOUT" "$@" </dev/null
+    rc=$?
+    local took=$(($(date +%s) - start))
+    local status=ok
+    if ((rc == 5)) && [[ "$allow5" == yes ]]; then
+        status="ok (no tests collected)"
+    elif ((rc == 124 || rc == 137)); then
+        status="FAILED (timed out after ${STAGE_TIMEOUT}s)"
+    elif ((rc != 0)); then
+        status="FAILED (exit $rc)"
+    fi
+    STAGES+=("$name")
+    RESULTS+=("$status")
+    TIMES+=("$took")
+    printf -- '-------- %s: %s in %ss\n' "$name" "$status" "$took"
+}
+
+summary_and_exit() {
+    banner "summary"
+    local i failed=()
+    for i in "${!STAGES[@]}"; do
+        printf '  %-28s %-36s %5ss\n' "${STAGES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+        [[ "${RESULTS[$i]}" == ok* ]] || failed+=("${STAGES[$i]}")
+    done
+    if ((${#failed[@]})); then
+        echo "ci summary: FAILED ${#failed[@]} of ${#STAGES[@]} stages: ${failed[*]}"
+        exit 1
+    fi
+    echo "ci summary: all ${#STAGES[@]} stages OK"
+    exit 0
+}
+
+# ---- setup: nothing else can run without it ---------------------------------------------
+run_stage setup no bash "$ROOT/ci/setup.sh"
+if [[ "${RESULTS[0]}" != ok* ]]; then
+    summary_and_exit
+fi
+
+export BUILDBOT_MASTER_VENV="$MASTER_VENV"
+export REFERENCE_WORKER="$MASTER_VENV/bin/buildbot-worker"
+export PYWORKER="$WORKER_VENV/bin/pyworker"
+echo "BUILDBOT_MASTER_VENV=$BUILDBOT_MASTER_VENV"
+echo "REFERENCE_WORKER=$REFERENCE_WORKER"
+echo "PYWORKER=$PYWORKER"
+
+# ---- lint ---------------------------------------------------------------------------------
+run_stage ruff no "$WORKER_VENV/bin/ruff" check "$ROOT"
+
+# ---- unit + end-to-end tests, once per I/O backend ------------------------------------------
+# Run the installed package (not the source tree, which lacks the compiled extension):
+# `bin/pytest` does not put the repo root on sys.path; tests/ has no __init__.py.
+PYTEST=("$WORKER_VENV/bin/pytest" -ra -p no:cacheprovider)
+if (cd / && "$WORKER_VENV/bin/python" -I -c 'import pyworker.iocore') 2>/dev/null; then
+    for backend in c python; do
+        run_stage "pytest[PYWORKER_IO=$backend]" yes \
+            env PYWORKER_IO="$backend" "${PYTEST[@]}" "$ROOT/tests"
+    done
+else
+    echo "NOTE: 'import pyworker.iocore' fails in $WORKER_VENV, so tests/ runs once," \
+        "without PYWORKER_IO (not once per I/O backend)."
+    (cd / && "$WORKER_VENV/bin/python" -I -c 'import pyworker.iocore') 2>&1 | tail -1
+    run_stage pytest yes env -u PYWORKER_IO "${PYTEST[@]}" "$ROOT/tests"
+fi
+
+# ---- Buildbot's interop suite against pyworker ------------------------------------------------
+mapfile -t INTEROP_CASES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$ROOT/ci/interop-cases.txt" \
+    | grep -v '^$')
+if ((${#INTEROP_CASES[@]})); then
+    TRIAL_DIR="$(mktemp -d)"   # trial writes _trial_temp into its cwd
+    run_stage interop no env -C "$TRIAL_DIR" SANDBOXED_WORKER_PATH="$PYWORKER" \
+        "$MASTER_VENV/bin/python" -m twisted.trial "${INTEROP_CASES[@]}"
+    if [[ "${RESULTS[-1]}" != ok* && -d "$TRIAL_DIR/_trial_temp" ]]; then
+        echo "---- interop: tail of _trial_temp/test.log ----"
+        tail -n 80 "$TRIAL_DIR/_trial_temp/test.log" 2>/dev/null
+    fi
+    rm -rf "$TRIAL_DIR"
+fi
+
+# ---- benchmarks, short mode --------------------------------------------------------------------
+if [[ -d "$ROOT/bench" ]]; then
+    run_stage bench yes "${PYTEST[@]}" "$ROOT/bench" --benchmark-disable
+fi
+
+summary_and_exit
