@@ -374,9 +374,11 @@ class _TacReader:
         if isinstance(node, ast.Tuple | ast.List):
             items = [self.eval(elt) for elt in node.elts]
             return tuple(items) if isinstance(node, ast.Tuple) else items
-        if isinstance(node, ast.Call) and not any(
-            isinstance(a, ast.Starred) for a in node.args
-        ) and all(k.arg is not None for k in node.keywords):
+        if (
+            isinstance(node, ast.Call)
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+            and all(k.arg is not None for k in node.keywords)
+        ):
             func = _dotted(node.func)
             if func in _PURE_FUNCTIONS:
                 args = [self.eval(a) for a in node.args]

@@ -22,17 +22,18 @@ from pyworker.tac import (
 )
 
 
-def reference_worker() -> str | None:
+def reference_exe() -> str | None:
     """The reference ``buildbot-worker`` executable, if this machine has one."""
-    candidate = os.environ.get("REFERENCE_WORKER") or "/tmp/setup/master/bin/buildbot-worker"
+    venv = os.environ.get("BUILDBOT_MASTER_VENV") or "/tmp/setup/master"
+    candidate = os.environ.get("REFERENCE_WORKER") or os.path.join(venv, "bin", "buildbot-worker")
     return candidate if os.access(candidate, os.X_OK) else None
 
 
-needs_reference = pytest.mark.skipif(reference_worker() is None, reason="no reference worker")
+needs_reference = pytest.mark.skipif(reference_exe() is None, reason="no reference worker")
 
 
 def reference_create(basedir: Path, *args: str) -> str:
-    ref = reference_worker()
+    ref = reference_exe()
     assert ref is not None
     subprocess.run(
         [ref, "create-worker", "-q", *args[:-3], str(basedir), *args[-3:]],

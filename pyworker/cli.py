@@ -1,0 +1,425 @@
+"""The ``pyworker`` command line, compatible with ``buildbot-worker`` 4.3.0.
+
+Sub-commands ``create-worker``, ``start``, ``stop``, ``restart`` take the same options
+(parsed with Twisted's getopt-based ``usage.Options``, as the reference does) and print
+the same messages with the same exit codes; ``bench`` runs ``pyworker.bench``.
+``create-worker`` lives here; process management is in :mod:`pyworker.daemon`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from twisted.python import usage
+
+from pyworker.config import REFERENCE_VERSION
+from pyworker.tac import CreateWorkerError, TacOptions, make_tac, write_tac
+
+PROG = "pyworker"
+_NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
+
+
+class MakerBase(usage.Options):  # type: ignore[misc]
+    """Common to the sub-commands that work on a worker directory."""
+
+    optFlags: list[list[str | None]] = [
+        ["help", "h", "Display this message"],
+        ["quiet", "q", "Do not emit the commands being run"],
+    ]
+    longdesc = textwrap.dedent(
+        """
+    Operates upon the specified <basedir> (or the current directory, if not
+    specified).
+    """
+    )
+    opt_h = usage.Options.opt_help
+
+    def parseArgs(self, *args: str) -> None:
+        self["basedir"] = args[0] if args else os.getcwd()
+        if len(args) > 1:
+            raise usage.UsageError("I wasn't expecting so many arguments")
+
+    def postOptions(self) -> None:
+        self["basedir"] = os.path.abspath(self["basedir"])
+
+
+class StartOptions(MakerBase):
+    optFlags = [
+        ["quiet", "q", "Don't display startup log messages"],
+        ["nodaemon", None, "Don't daemonize (stay in foreground)"],
+    ]
+
+    def getSynopsis(self) -> str:
+        return f"Usage:    {PROG} start [<basedir>]"
+
+
+class StopOptions(MakerBase):
+    def getSynopsis(self) -> str:
+        return f"Usage:    {PROG} stop [<basedir>]"
+
+
+class RestartOptions(MakerBase):
+    optFlags = [
+        ["quiet", "q", "Don't display startup log messages"],
+        ["nodaemon", None, "Don't daemonize (stay in foreground)"],
+    ]
+
+    def getSynopsis(self) -> str:
+        return f"Usage:    {PROG} restart [<basedir>]"
+
+
+class CreateWorkerOptions(MakerBase):
+    optFlags = [
+        ["force", "f", "Re-use an existing directory"],
+        ["relocatable", "r", "Create a relocatable buildbot.tac"],
+        ["no-logrotate", "n", "Do not permit buildmaster rotate logs by itself"],
+        ["use-tls", None, "Uses TLS to connect to master"],
+        [
+            "delete-leftover-dirs",
+            None,
+            "Delete folders that are not required by the master on connection",
+        ],
+    ]
+    optParameters = [
+        ["keepalive", "k", 600, "Interval at which keepalives should be sent (in seconds)"],
+        [
+            "umask",
+            None,
+            "None",
+            "controls permissions of generated files. Use --umask=0o22 to be world-readable",
+        ],
+        ["maxdelay", None, 300, "Maximum time between connection attempts"],
+        ["maxretries", None, "None", "Maximum number of retries before worker shutdown"],
+        ["numcpus", None, "None", "Number of available cpus to use on a build. "],
+        ["log-size", "s", "10000000", "size at which to rotate twisted log files"],
+        [
+            "log-count",
+            "l",
+            "10",
+            "limit the number of kept old twisted log files (None for unlimited)",
+        ],
+        [
+            "allow-shutdown",
+            "a",
+            None,
+            "Allows the worker to initiate a graceful shutdown. One of 'signal' or 'file'",
+        ],
+        ["protocol", None, "pb", "Protocol to be used when creating master-worker connection"],
+        [
+            "connection-string",
+            None,
+            None,
+            "Twisted endpoint connection string (this will override master host[:port])",
+        ],
+        ["proxy-connection-string", None, None, "Address of HTTP proxy to tunnel through"],
+    ]
+    longdesc = textwrap.dedent(
+        """
+    This command creates a buildbot worker directory and buildbot.tac
+    file. The bot will use the <name> and <passwd> arguments to authenticate
+    itself when connecting to the master. All commands are run in a
+    build-specific subdirectory of <basedir>. <master> is a string of the
+    form 'hostname[:port]', and specifies where the buildmaster can be reached.
+    port defaults to 9989.
+
+    The appropriate values for <name>, <passwd>, and <master> should be
+    provided to you by the buildmaster administrator. You must choose <basedir>
+    yourself.
+    """
+    )
+
+    @staticmethod
+    def validate_master(master_arg: str) -> tuple[str, int]:
+        """Parse ``host[:port]`` / ``[v6addr]:port`` exactly like the reference."""
+        if master_arg[:5] == "http:":
+            raise usage.UsageError("<master> is not a URL - do not use URL")
+        port: str | int
+        if master_arg.startswith("[") and "]" in master_arg:
+            master, port_tmp = master_arg.split("]")
+            master = master[1:]
+            port = 9989 if ":" not in port_tmp else port_tmp.split(":")[1]
+        elif ":" not in master_arg:
+            master, port = master_arg, 9989
+        else:
+            try:
+                master, port = master_arg.split(":")
+            except ValueError as exc:
+                raise usage.UsageError(
+                    f"invalid <master> argument '{master_arg}', "
+                    "if it is an ipv6 address, it must be enclosed by []"
+                ) from exc
+        if not master:
+            raise usage.UsageError(f"invalid <master> argument '{master_arg}'")
+        try:
+            return master, int(port)
+        except ValueError as exc:
+            raise usage.UsageError(f"invalid master port '{port}', needs to be a number") from exc
+
+    def getSynopsis(self) -> str:
+        return f"Usage:    {PROG} create-worker [options] <basedir> <master> <name> <passwd>"
+
+    def parseArgs(self, *args: str) -> None:
+        if len(args) != 4:
+            raise usage.UsageError("incorrect number of arguments")
+        basedir, master, name, passwd = args
+        self["basedir"] = basedir
+        self["host"], self["port"] = self.validate_master(master)
+        self["name"] = name
+        self["passwd"] = passwd
+
+    def postOptions(self) -> None:
+        MakerBase.postOptions(self)
+        for argument in ("keepalive", "maxdelay", "log-size"):
+            try:
+                self[argument] = int(self[argument])
+            except ValueError as exc:
+                raise usage.UsageError(f"{argument} parameter needs to be a number") from exc
+        for argument in ("log-count", "maxretries", "umask", "numcpus"):
+            if not _NUMBER_OR_NONE.match(self[argument]) and self[argument] != "None":
+                raise usage.UsageError(f"{argument} parameter needs to be a number or None")
+        if self["allow-shutdown"] not in (None, "signal", "file"):
+            raise usage.UsageError("allow-shutdown needs to be one of 'signal' or 'file'")
+
+
+class BenchOptions(usage.Options):  # type: ignore[misc]
+    """Only for the command list in ``--help``: ``bench`` arguments go to pyworker.bench."""
+
+    def getSynopsis(self) -> str:
+        return f"Usage:    {PROG} bench [bench options]"
+
+
+class Options(usage.Options):  # type: ignore[misc]
+    longdesc = ""
+    synopsis = f"Usage:    {PROG} <command> [command options]"
+    subCommands = [
+        [
+            "create-worker",
+            None,
+            CreateWorkerOptions,
+            "Create and populate a directory for a new worker",
+        ],
+        ["start", None, StartOptions, "Start a worker"],
+        ["stop", None, StopOptions, "Stop a worker"],
+        ["restart", None, RestartOptions, "Restart a worker"],
+        ["bench", None, BenchOptions, "Run the pyworker benchmarks"],
+    ]
+
+    def opt_version(self) -> NoReturn:
+        print(version_text(), end="")
+        sys.exit(0)
+
+    def opt_verbose(self) -> None:
+        from twisted.python import log
+
+        log.startLogging(sys.stderr)
+
+    def postOptions(self) -> None:
+        if not hasattr(self, "subOptions"):
+            raise usage.UsageError("must specify a command")
+
+
+def io_backend() -> str:
+    """Name of the loaded I/O backend, or ``unavailable``."""
+    try:
+        return str(importlib.import_module("pyworker.iocore").BACKEND)
+    except Exception:
+        return "unavailable"
+
+
+def version_text() -> str:
+    """``--version``: the reference's two lines, then what this really is."""
+    from twisted import copyright
+
+    from pyworker.daemon import _pyworker_version
+
+    return (
+        f"worker version: {REFERENCE_VERSION}\n"
+        f"Twisted version: {copyright.version}\n"
+        f"pyworker version: {_pyworker_version()}, io backend: {io_backend()}\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# create-worker
+
+
+def _make_basedir(basedir: str, quiet: bool) -> None:
+    if os.path.exists(basedir):
+        if not quiet:
+            print("updating existing installation")
+        return
+    if not quiet:
+        print("mkdir", basedir)
+    try:
+        os.mkdir(basedir)
+    except OSError as exc:
+        raise CreateWorkerError(f"error creating directory {basedir}") from exc
+
+
+def _make_info_files(basedir: str, quiet: bool) -> None:
+    path = os.path.join(basedir, "info")
+
+    def create_file(name: str, contents: str) -> bool:
+        filepath = os.path.join(path, name)
+        if os.path.exists(filepath):
+            return False
+        if not quiet:
+            print(f"Creating {os.path.join('info', name)}, you need to edit it appropriately.")
+        try:
+            with open(filepath, "w") as f:
+                f.write(contents)
+        except OSError as exc:
+            raise CreateWorkerError(f"could not write {filepath}") from exc
+        return True
+
+    if not os.path.exists(path):
+        if not quiet:
+            print("mkdir", path)
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            raise CreateWorkerError(f"error creating directory {path}") from exc
+    create_file("admin", "Your Name Here <admin@youraddress.invalid>\n")
+    # As in the reference, only the last file decides the closing hint.
+    created = create_file("host", "Please put a description of this build host here\n")
+    if not os.path.exists(os.path.join(path, "access_uri")) and not quiet:
+        print(f"Not creating {os.path.join('info', 'access_uri')} - add it if you wish")
+    if created and not quiet:
+        print(f"Please edit the files in {path} appropriately.")
+
+
+def create_worker(config: dict[str, Any]) -> int:
+    """``create-worker`` with parsed options (keys as the reference's Options)."""
+    basedir: str = config["basedir"]
+    quiet = bool(config["quiet"])
+    opts = TacOptions(
+        basedir=basedir,
+        host=config["host"],
+        port=config["port"],
+        name=config["name"],
+        passwd=config["passwd"],
+        relocatable=bool(config["relocatable"]),
+        no_logrotate=bool(config["no-logrotate"]),
+        keepalive=config["keepalive"],
+        umask=config["umask"],
+        maxdelay=config["maxdelay"],
+        numcpus=config["numcpus"],
+        log_size=config["log-size"],
+        log_count=config["log-count"],
+        allow_shutdown=config["allow-shutdown"],
+        maxretries=config["maxretries"],
+        use_tls=bool(config["use-tls"]),
+        delete_leftover_dirs=bool(config["delete-leftover-dirs"]),
+        protocol=config["protocol"],
+        connection_string=config["connection-string"],
+        proxy_connection_string=config["proxy-connection-string"],
+    )
+    contents = make_tac(opts)
+    try:
+        _make_basedir(basedir, quiet)
+        write_tac(basedir, contents, quiet, sys.stdout)
+        _make_info_files(basedir, quiet)
+    except CreateWorkerError as exc:
+        # The reference names '.' here for a relocatable tac (it rewrote its config).
+        shown = "." if opts.relocatable else basedir
+        print(f"{exc}\nfailed to configure worker in {shown}")
+        return 1
+    if not quiet:
+        print(f"worker configured in {basedir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+
+
+def run_bench(args: Sequence[str]) -> int:
+    """``pyworker bench ...``: hand the remaining arguments to ``pyworker.bench.main``."""
+    try:
+        bench = importlib.import_module("pyworker.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("pyworker.bench", "pyworker"):
+            raise
+        print(
+            f"{PROG} bench: the benchmark module (pyworker.bench) is not part of this installation",
+            file=sys.stderr,
+        )
+        return 1
+    result = bench.main(list(args))
+    return 0 if result is None else int(result)
+
+
+def _sane_stdio() -> None:
+    """Survive being spawned with closed descriptors, no locale and no environment."""
+    for fd in range(3):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        elif isinstance(stream, io.TextIOWrapper):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, io.UnsupportedOperation):
+                pass
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    _sane_stdio()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "bench":
+        return run_bench(args[1:])
+
+    config = Options()
+    try:
+        config.parseOptions(args)
+    except usage.error as exc:
+        print(f"{sys.argv[0]}:  {exc}")
+        print()
+        print(str(getattr(config, "subOptions", config)))
+        return 1
+    except SystemExit as exc:  # --help, --version
+        return _exit_code(exc)
+
+    sub = config.subOptions
+    try:
+        if config.subCommand == "create-worker":
+            return create_worker(sub)
+        from pyworker import daemon
+
+        if config.subCommand == "start":
+            return daemon.start(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))
+        if config.subCommand == "stop":
+            return daemon.stop(sub["basedir"], bool(sub["quiet"]))
+        if config.subCommand == "restart":
+            return daemon.restart(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))
+        return run_bench([])
+    except SystemExit as exc:
+        return _exit_code(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

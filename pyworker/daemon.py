@@ -1,0 +1,468 @@
+"""Process management for a worker directory: start, stop and restart, twistd-compatible.
+
+``start`` checks and reads ``buildbot.tac``, sets up ``twistd.log`` (same line format
+and rotation as twistd), ``twistd.hostname`` and, when daemonising, ``twistd.pid``, then
+hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.run_worker`` and
+exits with its return value. Files, messages and exit codes follow
+``buildbot-worker`` 4.3.0 (``scripts/start.py``, ``stop.py``, ``restart.py``, twistd).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.python.logfile import LogFile
+
+from pyworker.config import REFERENCE_VERSION, WorkerConfig
+from pyworker.tac import TacError, check_worker_dir, load_tac
+
+PIDFILE = "twistd.pid"
+LOGFILE = "twistd.log"
+HOSTNAME_FILE = "twistd.hostname"
+#: The line ``start`` waits for (logged when the master calls the Bot's ``print``).
+ATTACHED = b"message from master: attached"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+#: twistd's umask for daemons when none is configured.
+DAEMON_UMASK = 0o077
+
+TIMEOUT_HINT = (
+    "The worker took more than 10 seconds to start and/or connect to the buildmaster,\n"
+    "so we were unable to confirm that it started and connected correctly. Please\n"
+    "'tail twistd.log' and look for a line that says 'message from master: attached'\n"
+    "to verify correct startup. If you see a bunch of messages like 'will retry in 6\n"
+    "seconds', your worker might not have the correct hostname or portnumber for the\n"
+    "buildmaster, or the buildmaster might not be running. If you see messages like"
+    "   'Failure: twisted.cred.error.UnauthorizedLogin'\n"
+    "then your worker might be using the wrong botname or password. Please correct\n"
+    "these problems and then restart the worker."
+)
+UNCONFIRMED_HINT = (
+    "Unable to confirm that the worker started correctly. You may need to stop it,\n"
+    "fix the config file, and restart."
+)
+
+RunWorker = Callable[[WorkerConfig], int | None]
+
+
+class WorkerNotRunning(Exception):
+    """There is no ``twistd.pid`` in the worker directory."""
+
+
+# ---------------------------------------------------------------------------------------
+# start
+
+
+def start(basedir: str, quiet: bool, nodaemon: bool) -> int:
+    """``pyworker start``: exit code as the reference's ``startCommand``."""
+    error = check_worker_dir(basedir)
+    if error is not None:
+        print(error)
+        return 1
+    return start_worker(basedir, quiet, nodaemon)
+
+
+def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
+    """Start the worker in ``basedir`` (already checked); foreground if ``nodaemon``."""
+    os.chdir(basedir)
+    try:
+        config = load_tac(basedir)
+    except TacError as exc:
+        print(f"pyworker: {exc}", file=sys.stderr)
+        return 1
+    pidfile = None if nodaemon else os.path.abspath(PIDFILE)
+    if pidfile is not None:
+        problem = _check_pid(pidfile)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 1
+    try:
+        logfile = open_logfile(config)
+    except OSError as exc:
+        print(f"pyworker: cannot open {LOGFILE} in {config.basedir}: {exc}", file=sys.stderr)
+        return 1
+    if nodaemon:
+        return run(config, logfile, pidfile=None, status_fd=None)
+    return _daemonize(config, logfile, pidfile or PIDFILE, quiet)
+
+
+def open_logfile(config: WorkerConfig) -> LogFile:
+    """``twistd.log`` as the reference opens it: the tac's LogFile, or twistd's default."""
+    path = os.path.join(config.basedir, LOGFILE)
+    if config.log_rotate:
+        return LogFile.fromFullPath(
+            path, rotateLength=config.rotate_length, maxRotatedFiles=config.max_rotated_files
+        )
+    # Without the tac's log block twistd opens --logfile=twistd.log with LogFile's
+    # defaults (rotate at 1 MB, keep every old file) and rotates on SIGUSR1.
+    return LogFile.fromFullPath(path)
+
+
+def _check_pid(pidfile: str) -> str | None:
+    """twistd's checkPID: refuse to start over a live pid file, remove a stale one."""
+    if not os.path.exists(pidfile):
+        return None
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+    except ValueError:
+        return f"Pidfile {pidfile} contains non-numeric value"
+    except OSError as exc:
+        return f"Can't read pidfile {pidfile}: {exc}"
+    try:
+        os.kill(pid, 0)
+    except OSError as why:
+        if why.errno == errno.ESRCH:
+            os.remove(pidfile)  # stale
+            return None
+        return f"Can't check status of PID {pid} from pidfile {pidfile}: {why}"
+    if _is_zombie(pid):
+        os.remove(pidfile)
+        return None
+    return (
+        f"Another twistd server is running, PID {pid}\n\n"
+        "This could either be a previously started instance of your application or a\n"
+        "different application entirely. To start a new one, either run it in some other\n"
+        "directory, or use the --pidfile and --logfile parameters to avoid clashes.\n"
+    )
+
+
+def _daemonize(config: WorkerConfig, logfile: LogFile, pidfile: str, quiet: bool) -> int:
+    """Double-fork the worker away; the parent reports how the start went."""
+    log_offset = _file_size(LOGFILE)
+    if not quiet:
+        print("Following twistd.log until startup finished..")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child
+        rc = 1
+        try:
+            os.close(read_fd)
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            _redirect_stdio_to_devnull()
+            os.umask(DAEMON_UMASK)
+            rc = run(config, logfile, pidfile=pidfile, status_fd=write_fd)
+        except BaseException as exc:  # nothing may escape a forked child
+            _report_status(write_fd, _status_error(exc))
+        finally:
+            os._exit(rc)
+    os.close(write_fd)
+    logfile.close()
+    os.waitpid(pid, 0)
+    try:
+        if quiet:
+            return _wait_for_status(read_fd)
+        return _follow(read_fd, log_offset, pidfile)
+    finally:
+        os.close(read_fd)
+
+
+def _redirect_stdio_to_devnull() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in range(3):
+        try:
+            os.dup2(null, fd)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+    os.close(null)
+
+
+def _status_error(exc: BaseException) -> bytes:
+    return f"1 {type(exc).__name__}: {exc}".encode("ascii", "backslashreplace")[:100]
+
+
+def _report_status(fd: int | None, message: bytes) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _status_failure_text(data: bytes) -> str:
+    return f"An error has occurred: {data[2:]!r}\nPlease look at log file for more information.\n"
+
+
+def _wait_for_status(read_fd: int) -> int:
+    """``start -q``: like twistd's first parent, wait for the daemon's status byte."""
+    data = os.read(read_fd, 100)
+    if data == b"0":
+        return 0
+    sys.stderr.write(_status_failure_text(data))
+    return 1
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _follow(read_fd: int, offset: int, pidfile: str) -> int:
+    """Tail ``twistd.log`` for up to 10 s waiting for the master's ``attached``."""
+    os.set_blocking(read_fd, False)
+    deadline = time.monotonic() + START_TIMEOUT
+    status: bytes | None = None
+    pending = b""
+    in_reconfig = False
+    while True:
+        size = _file_size(LOGFILE)
+        if size < offset:  # rotated or truncated: start from the top of the new file
+            offset = 0
+        if size > offset:
+            with open(LOGFILE, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(size - offset)
+            offset += len(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if b"Log opened." in line or b"loading configuration from" in line:
+                    in_reconfig = True
+                if in_reconfig:
+                    print(line.decode("utf-8", "replace"))
+                if ATTACHED in line:
+                    print("The buildbot-worker appears to have (re)started correctly.")
+                    return 0
+        if status is None:
+            try:
+                status = os.read(read_fd, 100)
+            except BlockingIOError:
+                pass
+            if status is not None and status != b"0":
+                print(UNCONFIRMED_HINT)
+                print(_status_failure_text(status), end="")
+                return 1
+        elif not os.path.exists(pidfile):
+            print(UNCONFIRMED_HINT)
+            print("The worker process exited; see twistd.log for the reason.")
+            return 1
+        if time.monotonic() >= deadline:
+            print(TIMEOUT_HINT)
+            return 1
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# running (in the foreground process or in the daemon)
+
+
+class _Logging:
+    """Twisted's global log going to ``twistd.log`` the way twistd sets it up."""
+
+    def __init__(self, logfile: LogFile, rotate_on_usr1: bool) -> None:
+        from twisted.logger import LegacyLogObserverWrapper, globalLogBeginner
+        from twisted.python import log
+
+        self.logfile = logfile
+        self.saved_stdio = (sys.stdout, sys.stderr)
+        self.observer = LegacyLogObserverWrapper(log.FileLogObserver(logfile).emit)
+        globalLogBeginner.beginLoggingTo([self.observer], redirectStandardIO=True)
+        self.old_usr1: Any = None
+        if rotate_on_usr1 and not signal.getsignal(signal.SIGUSR1):
+            self.old_usr1 = signal.signal(signal.SIGUSR1, self._rotate)
+
+    def _rotate(self, signum: int, frame: object) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(self.logfile.rotate)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.observer)
+        sys.stdout, sys.stderr = self.saved_stdio
+        if self.old_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self.old_usr1)
+        self.logfile.close()
+
+
+def _load_run_worker() -> RunWorker:
+    from pyworker.frontend import run_worker
+
+    return run_worker
+
+
+def run(
+    config: WorkerConfig,
+    logfile: LogFile,
+    pidfile: str | None,
+    status_fd: int | None,
+    load_run_worker: Callable[[], RunWorker] | None = None,
+) -> int:
+    """Log to ``twistd.log``, record pid and hostname, run the worker, clean up.
+
+    ``status_fd`` (daemon mode) receives twistd's status: ``b"0"`` once the worker is
+    about to run, ``b"1 <error>"`` if it could not get that far.
+    """
+    from twisted.python import log
+    from twisted.python.runtime import shortPythonVersion
+
+    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate)
+    rc = 1
+    failure: str | None = None
+    try:
+        if pidfile is not None:
+            with open(pidfile, "w") as f:
+                f.write(str(os.getpid()))
+        log.msg("Loading buildbot.tac...")
+        log.msg("Loaded.")
+        log.msg(
+            f"pyworker {_pyworker_version()} ({sys.executable} {shortPythonVersion()}) starting up."
+        )
+        log.msg(f"Starting Worker -- version: {REFERENCE_VERSION}")
+        if config.umask is not None:
+            os.umask(config.umask)
+        _record_hostname(config.basedir)
+        run_worker = (load_run_worker or _load_run_worker)()
+        _report_status(status_fd, b"0")
+        status_fd = None
+        result = run_worker(config)
+        rc = 0 if result is None else int(result)
+    except Exception as exc:
+        log.err(None, "pyworker: the worker failed")
+        _report_status(status_fd, _status_error(exc))
+        failure = f"{type(exc).__name__}: {exc}"
+        rc = 1
+    finally:
+        if pidfile is not None:
+            _remove_pidfile(pidfile)
+        log.msg("Server Shut Down.")
+        logging.stop()
+    if failure is not None:  # stderr is the terminal again (or /dev/null in a daemon)
+        print(f"pyworker: the worker failed ({failure}); see {LOGFILE}", file=sys.stderr)
+    return rc
+
+
+def _pyworker_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pyworker")
+    except Exception:
+        return "unknown"
+
+
+def _record_hostname(basedir: str) -> None:
+    from twisted.python import log
+
+    log.msg("recording hostname in twistd.hostname")
+    try:
+        with open(os.path.join(basedir, HOSTNAME_FILE), "w") as f:
+            f.write(f"{os.uname()[1]}\n")
+    except Exception:
+        log.msg("failed - ignoring")
+
+
+def _remove_pidfile(pidfile: str) -> None:
+    from twisted.python import log
+
+    try:
+        os.unlink(pidfile)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            log.msg("Warning: No permission to delete pid file")
+        elif exc.errno != errno.ENOENT:
+            log.err(exc, "Failed to unlink PID file:")
+
+
+# ---------------------------------------------------------------------------------------
+# stop / restart
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] == b"Z"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return not _is_zombie(pid)
+
+
+def stop_worker(basedir: str, quiet: bool, signame: str = "TERM") -> int:
+    """Signal the worker of ``basedir`` and wait up to 10 s for it to go away.
+
+    Raises :class:`WorkerNotRunning` if there is no pid file.
+    """
+    os.chdir(basedir)
+    try:
+        with open(PIDFILE) as f:
+            content = f.read()
+    except OSError as exc:
+        raise WorkerNotRunning() from exc
+    try:
+        pid = int(content.strip())
+    except ValueError:
+        print(f"invalid pid file {os.path.abspath(PIDFILE)}: {content.strip()!r}")
+        return 1
+    try:
+        os.kill(pid, getattr(signal, "SIG" + signame))
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            print(f"cannot signal worker process {pid}: {exc.strerror}")
+            return 1
+    time.sleep(0.1)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        if not _alive(pid):
+            if not quiet:
+                print(f"worker process {pid} is dead")
+            return 0
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not quiet:
+        print("never saw process go away")
+    return 1
+
+
+def stop(basedir: str, quiet: bool, signame: str = "TERM") -> int:
+    """``pyworker stop``: ``worker not running`` is success, as in the reference."""
+    error = check_worker_dir(basedir)
+    if error is not None:
+        print(error)
+        return 1
+    try:
+        return stop_worker(basedir, quiet, signame)
+    except WorkerNotRunning:
+        if not quiet:
+            print("worker not running")
+        return 0
+
+
+def restart(basedir: str, quiet: bool, nodaemon: bool) -> int:
+    """``pyworker restart``: stop (if running), then start."""
+    error = check_worker_dir(basedir)
+    if error is not None:
+        print(error)
+        return 1
+    try:
+        stop_worker(basedir, quiet)
+    except WorkerNotRunning:
+        if not quiet:
+            print("no old worker process found to stop")
+    if not quiet:
+        print("now restarting worker process..")
+    return start_worker(basedir, quiet, nodaemon)

@@ -1,0 +1,503 @@
+"""Tests for the ``pyworker`` command line (pyworker.cli, pyworker.daemon) as real processes.
+
+Each test runs a small launcher with an absolute interpreter path, like a console script,
+so that it also works with a completely empty environment. The front end is replaced by a
+tiny fake ``run_worker`` (set in the launcher) because these tests are about the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+LAUNCHER = """\
+#!{python}
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import pyworker.daemon
+
+def fake_run_worker(config):
+    from twisted.python import log
+    log.msg("fake front end for %r basedir=%s" % (config, config.basedir))
+    mode = {mode!r}
+    if mode.startswith("exit"):
+        return int(mode[4:])
+    if mode == "attach":
+        log.msg("message from master: attached")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *args: stop.append(1))
+    while not stop:
+        time.sleep(0.02)
+    log.msg("fake front end stopping")
+    return 0
+
+def broken_front_end():
+    raise ImportError("no front end here")
+
+if {mode!r} == "broken":
+    pyworker.daemon._load_run_worker = broken_front_end
+elif {mode!r} != "real":
+    pyworker.daemon._load_run_worker = lambda: fake_run_worker
+pyworker.daemon.START_TIMEOUT = 1.0
+from pyworker.cli import main
+sys.exit(main())
+"""
+
+
+def launcher(tmp_path: Path, mode: str = "attach") -> str:
+    path = tmp_path / f"pyworker-{mode}"
+    path.write_text(LAUNCHER.format(python=sys.executable, repo=str(REPO), mode=mode))
+    path.chmod(0o755)
+    return str(path)
+
+
+def run(
+    exe: str, *args: str, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def reference_exe() -> str | None:
+    venv = os.environ.get("BUILDBOT_MASTER_VENV") or "/tmp/setup/master"
+    candidate = os.environ.get("REFERENCE_WORKER") or os.path.join(venv, "bin", "buildbot-worker")
+    return candidate if os.access(candidate, os.X_OK) else None
+
+
+needs_reference = pytest.mark.skipif(reference_exe() is None, reason="no reference worker")
+
+
+def create(exe: str, basedir: Path, *opts: str, passwd: str = "localpw") -> None:
+    result = run(exe, "create-worker", "-q", *opts, str(basedir), "127.0.0.1:1", "w", passwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts: pytest may be a child subreaper)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
+def wait_gone(pid: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} still alive"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[None]:
+    """Kill any daemon a failed test leaves behind (found through twistd.pid files)."""
+    yield
+    for pidfile in tmp_path.rglob("twistd.pid"):
+        try:
+            pid = int(pidfile.read_text())
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+                wait_gone(pid)
+        except (ValueError, OSError):
+            pass
+
+
+def cli_main(args: Sequence[str]) -> int:
+    from pyworker.cli import main
+
+    return main(args)
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4} \[-\] ")
+
+# ---------------------------------------------------------------------------------------
+# global options
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run(launcher(tmp_path), "--version")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "worker version: 4.3.0"
+    assert re.fullmatch(r"Twisted version: \d+\.\d+\.\d+.*", lines[1])
+    assert re.fullmatch(r"pyworker version: \S+, io backend: \S+", lines[2])
+
+
+def test_no_command_and_unknown_command(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    result = run(exe)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{exe}:  must specify a command\n\nUsage:    pyworker ")
+    result = run(exe, "bogus")
+    assert result.returncode == 1
+    assert "Unknown command: bogus" in result.stdout
+    assert run(exe, "--help").returncode == 0
+
+
+def test_bench_without_module(tmp_path: Path) -> None:
+    if (REPO / "pyworker" / "bench.py").exists() or (REPO / "pyworker" / "bench").exists():
+        pytest.skip("pyworker.bench exists")
+    result = run(launcher(tmp_path), "bench", "--quick")
+    assert result.returncode == 1
+    assert "pyworker.bench" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# create-worker
+
+
+def test_create_worker_files(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    basedir = tmp_path / "w"
+    result = run(exe, "create-worker", str(basedir), "master:4000", "w", "pw")
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        f"mkdir {basedir}",
+        f"mkdir {basedir}/info",
+        "Creating info/admin, you need to edit it appropriately.",
+        "Creating info/host, you need to edit it appropriately.",
+        "Not creating info/access_uri - add it if you wish",
+        f"Please edit the files in {basedir}/info appropriately.",
+        f"worker configured in {basedir}",
+    ]
+    assert (basedir / "buildbot.tac").stat().st_mode & 0o777 == 0o600
+    assert "Application('buildbot-worker')" in (basedir / "buildbot.tac").read_text()
+    assert (basedir / "info" / "admin").read_text() == (
+        "Your Name Here <admin@youraddress.invalid>\n"
+    )
+    assert (basedir / "info" / "host").read_text() == (
+        "Please put a description of this build host here\n"
+    )
+    assert not (basedir / "info" / "access_uri").exists()
+
+    # again: identical tac; then with different options: buildbot.tac.new
+    result = run(exe, "create-worker", str(basedir), "master:4000", "w", "pw")
+    assert result.stdout.splitlines() == [
+        "updating existing installation",
+        "buildbot.tac already exists and is correct",
+        "Not creating info/access_uri - add it if you wish",
+        f"worker configured in {basedir}",
+    ]
+    result = run(exe, "create-worker", "--keepalive", "5", str(basedir), "master", "w", "pw")
+    assert result.returncode == 0
+    assert "creating buildbot.tac.new instead" in result.stdout
+    assert "keepalive = 5\n" in (basedir / "buildbot.tac.new").read_text()
+    assert "keepalive = 600\n" in (basedir / "buildbot.tac").read_text()
+
+
+def test_create_worker_option_forms(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    for name, opts in {
+        "a": ["--keepalive=30", "--umask=0o22"],
+        "b": ["--keepalive", "30", "--umask", "0o22"],
+        "c": ["-k30", "--umask=0o22", "-q"],
+    }.items():
+        result = run(exe, "create-worker", *opts, str(tmp_path / name), "h", "w", "pw")
+        assert result.returncode == 0, result.stdout
+        text = (tmp_path / name / "buildbot.tac").read_text()
+        assert "keepalive = 30\n" in text and "umask = 0o22\n" in text
+        assert "port = 9989\n" in text
+
+
+CREATE_ERRORS = [
+    (["-k", "abc"], "keepalive parameter needs to be a number"),
+    (["--maxdelay=x"], "maxdelay parameter needs to be a number"),
+    (["-s", "1e3"], "log-size parameter needs to be a number"),
+    (["--umask=022"], "umask parameter needs to be a number or None"),
+    (["-l", "-1"], "log-count parameter needs to be a number or None"),
+    (["--maxretries=x"], "maxretries parameter needs to be a number or None"),
+    (["--numcpus=1.5"], "numcpus parameter needs to be a number or None"),
+    (["-a", "bogus"], "allow-shutdown needs to be one of 'signal' or 'file'"),
+    (["--no-such-option"], "option --no-such-option not recognized"),
+    (["DIR", "h:1", "w", "pw", "-q"], "incorrect number of arguments"),
+    (["DIR", "http://h", "w", "pw"], "<master> is not a URL - do not use URL"),
+    (["DIR", "h:port", "w", "pw"], "invalid master port 'port', needs to be a number"),
+    (["DIR", ":1", "w", "pw"], "invalid <master> argument ':1'"),
+    (
+        ["DIR", "a:b:c", "w", "pw"],
+        "invalid <master> argument 'a:b:c', if it is an ipv6 address, it must be enclosed by []",
+    ),
+]
+
+
+def _error_args(tmp_path: Path, args: list[str]) -> list[str]:
+    full = [str(tmp_path / "w") if a == "DIR" else a for a in args]
+    if "DIR" not in args:
+        full += [str(tmp_path / "w"), "h:1", "w", "pw"]
+    return ["create-worker", *full]
+
+
+@pytest.mark.parametrize("args, message", CREATE_ERRORS)
+def test_create_worker_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert cli_main(_error_args(tmp_path, args)) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{sys.argv[0]}:  {message}\n\nUsage:    pyworker create-worker ")
+    assert not (tmp_path / "w").exists()
+
+
+@needs_reference
+def test_create_worker_errors_same_as_reference(tmp_path: Path) -> None:
+    ref = reference_exe()
+    assert ref is not None
+    exe = launcher(tmp_path)
+    for args, _ in CREATE_ERRORS[::3]:
+        full = _error_args(tmp_path, args)
+        ours, theirs = run(exe, *full), run(ref, *full)
+        assert (ours.returncode, theirs.returncode) == (1, 1)
+        assert ours.stdout.replace(exe, "PROG").replace("pyworker", "buildbot-worker") == (
+            theirs.stdout.replace(ref, "PROG")
+        )
+
+
+def test_create_worker_error_writing(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    result = run(launcher(tmp_path), "create-worker", "-q", str(tmp_path / "file"), "h", "w", "p")
+    assert result.returncode == 1
+    assert result.stdout == (
+        f"could not write {tmp_path}/file/buildbot.tac\n"
+        f"failed to configure worker in {tmp_path}/file\n"
+    )
+
+
+@needs_reference
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["-r", "-n"],
+        [
+            "--use-tls",
+            "--delete-leftover-dirs",
+            "-a",
+            "signal",
+            "-l",
+            "None",
+            "-s",
+            "77",
+            "--maxretries=4",
+            "--numcpus=2",
+            "--umask=0o27",
+            "-k",
+            "0",
+            "--maxdelay=9",
+            "--protocol=msgpack_experimental_v7",
+        ],
+        ["--connection-string=tcp:host=m:port=5", "--proxy-connection-string=tcp:p:8080"],
+    ],
+)
+def test_create_worker_same_as_reference(tmp_path: Path, opts: list[str]) -> None:
+    ref = reference_exe()
+    assert ref is not None
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    r1 = run(launcher(tmp_path), "create-worker", *opts, str(ours), "[::1]:99", "wn", "p w'\"")
+    r2 = run(ref, "create-worker", *opts, str(theirs), "[::1]:99", "wn", "p w'\"")
+    assert (r1.returncode, r2.returncode) == (0, 0)
+    assert r1.stdout.replace(str(ours), "B") == r2.stdout.replace(str(theirs), "B")
+    tac1 = (ours / "buildbot.tac").read_text().replace(str(ours), "B")
+    tac2 = (theirs / "buildbot.tac").read_text().replace(str(theirs), "B")
+    assert tac1 == tac2
+    for rel in ("buildbot.tac", "info", "info/admin", "info/host"):
+        assert (ours / rel).stat().st_mode == (theirs / rel).stat().st_mode, rel
+        if (ours / rel).is_file():
+            assert (ours / rel).read_bytes().replace(bytes(ours), b"B") == (
+                (theirs / rel).read_bytes().replace(bytes(theirs), b"B")
+            )
+    assert sorted(p.name for p in ours.rglob("*")) == sorted(p.name for p in theirs.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------
+# start / stop / restart
+
+
+def test_start_bad_dir_with_empty_environment(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    for sub in (["start", "--nodaemon"], ["start"], ["stop"], ["restart", "--nodaemon"]):
+        result = run(exe, *sub, str(tmp_path / "nope"), env={})
+        assert result.returncode == 1
+        assert result.stdout == (
+            f"error reading '{tmp_path}/nope/buildbot.tac': No such file or directory\n"
+            f"invalid worker directory '{tmp_path}/nope'\n"
+        )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "buildbot.tac").write_text("print('master tac')\n")
+    result = run(exe, "start", "--nodaemon", str(tmp_path / "other"), env={})
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"unexpected content in '{tmp_path}/other/buildbot.tac'")
+
+
+def test_start_unreadable_tac_values(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    create(exe, tmp_path / "w", passwd="TOPSECRET")
+    tac = tmp_path / "w" / "buildbot.tac"
+    tac.write_text(tac.read_text().replace("'TOPSECRET'", "open('pw').read()"))
+    result = run(exe, "start", "--nodaemon", str(tmp_path / "w"), env={})
+    assert result.returncode == 1
+    assert "'passwd'" in result.stderr and "cannot evaluate" in result.stderr
+    assert not (tmp_path / "w" / "twistd.log").exists()
+
+
+def test_start_nodaemon_empty_environment_and_closed_stdio(tmp_path: Path) -> None:
+    exe = launcher(tmp_path, "exit7")
+    basedir = tmp_path / "w"
+    create(exe, basedir, "-r", passwd="TOPSECRET")
+    moved = tmp_path / "moved"
+    shutil.move(basedir, moved)
+    # stdout/stderr closed, no environment at all: must still run and exit with rc
+    result = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$0" start --nodaemon "$1" >&- 2>&-', exe, str(moved)],
+        env={},
+        timeout=20,
+    )
+    assert result.returncode == 7
+    log = (moved / "twistd.log").read_text()
+    assert f"basedir={moved}\n" in log
+    assert all(LOG_LINE.match(line) for line in log.splitlines() if not line.startswith("\t"))
+    assert "TOPSECRET" not in log
+    assert (moved / "twistd.hostname").read_text() == os.uname()[1] + "\n"
+    assert not (moved / "twistd.pid").exists()
+
+
+def test_daemon_start_restart_stop(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "attach")
+    basedir = tmp_path / "w"
+    create(exe, basedir, passwd="TOPSECRET")
+    result = run(exe, "start", str(basedir), env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == (
+        "Following twistd.log until startup finished..\n"
+        "The buildbot-worker appears to have (re)started correctly.\n"
+    )
+    pid = int((basedir / "twistd.pid").read_text())
+    assert not gone(pid)
+    # twistd's daemon umask applies when the tac sets none
+    assert (basedir / "twistd.hostname").stat().st_mode & 0o777 == 0o600
+
+    again = run(exe, "start", "-q", str(basedir))
+    assert again.returncode == 1 and f"Another twistd server is running, PID {pid}" in again.stderr
+
+    result = run(exe, "restart", str(basedir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == f"worker process {pid} is dead"
+    assert result.stdout.splitlines()[1] == "now restarting worker process.."
+    new_pid = int((basedir / "twistd.pid").read_text())
+    assert new_pid != pid
+
+    result = run(exe, "stop", str(basedir))
+    assert (result.returncode, result.stdout) == (0, f"worker process {new_pid} is dead\n")
+    assert not (basedir / "twistd.pid").exists()
+    log = (basedir / "twistd.log").read_text()
+    assert log.count("fake front end stopping") == 2 and "Server Shut Down." in log
+    assert "TOPSECRET" not in log
+
+    result = run(exe, "stop", str(basedir))
+    assert (result.returncode, result.stdout) == (0, "worker not running\n")
+
+
+def test_daemon_quiet_and_start_timeout(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "silent")
+    basedir = tmp_path / "w"
+    create(exe, basedir, "--umask=0o22")
+    result = run(exe, "start", "-q", str(basedir))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    pid = int((basedir / "twistd.pid").read_text())
+    assert (basedir / "twistd.hostname").stat().st_mode & 0o777 == 0o644
+    assert run(exe, "stop", "-q", str(basedir)).stdout == ""
+    wait_gone(pid)
+
+    # never attached: the hint after START_TIMEOUT (1 s in the launcher), daemon keeps running
+    result = run(exe, "start", str(basedir))
+    assert result.returncode == 1
+    assert "The worker took more than 10 seconds to start and/or connect" in result.stdout
+    pid = int((basedir / "twistd.pid").read_text())
+    assert not gone(pid)
+    assert run(exe, "stop", str(basedir)).returncode == 0
+
+
+def test_daemon_reports_front_end_failure(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "broken")
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    result = run(exe, "start", str(basedir))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == [
+        "Unable to confirm that the worker started correctly. You may need to stop it,",
+        "fix the config file, and restart.",
+        "An error has occurred: b'ImportError: no front end here'",
+        "Please look at log file for more information.",
+    ]
+    result = run(exe, "start", "-q", str(basedir))
+    assert result.returncode == 1
+    assert result.stderr.startswith("An error has occurred: b'ImportError: no front end here'")
+    result = run(exe, "start", "--nodaemon", str(basedir))
+    assert result.returncode == 1
+    assert "ImportError: no front end here" in result.stderr
+    assert not (basedir / "twistd.pid").exists()
+    assert "ImportError: no front end here" in (basedir / "twistd.log").read_text()
+
+
+def test_stop_stale_and_garbage_pid(tmp_path: Path) -> None:
+    exe = launcher(tmp_path)
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    (basedir / "twistd.pid").write_text(str(dead.pid))
+    result = run(exe, "stop", str(basedir))
+    assert (result.returncode, result.stdout) == (0, f"worker process {dead.pid} is dead\n")
+    (basedir / "twistd.pid").write_text("garbage")
+    assert run(exe, "stop", str(basedir)).returncode == 1
+
+
+def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process ignoring SIGTERM: 'never saw process go away' (exercised in-process)."""
+    from pyworker import daemon
+
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir)
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(1, flush=True)\ntime.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline()
+        (basedir / "twistd.pid").write_text(str(stubborn.pid))
+        monkeypatch.setattr(daemon, "STOP_TIMEOUT", 0.3)
+        monkeypatch.chdir(tmp_path)
+        assert daemon.stop(str(basedir), quiet=False) == 1
+    finally:
+        stubborn.send_signal(signal.SIGKILL)
+        stubborn.wait()
+
+
+def test_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("worker version: 4.3.0\n")
+    assert cli_main(["create-worker", "-q", str(tmp_path / "w"), "h", "n", "p"]) == 0
+    assert cli_main(["stop", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().out == "worker not running\n"
+    assert cli_main(["start", "--help"]) == 0
