@@ -734,6 +734,10 @@ class RealMaster:
             port = self.msgpack_port
         else:
             raise HarnessError("RealMaster(msgpack=True) is needed for msgpack workers")
+        for old in [w for w in self.worker_procs if w.name == name]:
+            if old.running():
+                raise HarnessError(f"worker {name!r} is already running (pid {old.pid})")
+            self.worker_procs.remove(old)
         basedir = self.workers_dir / name
         if basedir.exists():
             shutil.rmtree(basedir)
@@ -847,6 +851,33 @@ class RealMaster:
         reqs = [self.request_build(b, p) for b, p in requests]
         deadline = time.monotonic() + timeout
         return [self.wait_build(r, max(1.0, deadline - time.monotonic())) for r in reqs]
+
+    def wait_build_started(
+        self, request: BuildRequest, step: str | None = None, timeout: float = 30
+    ) -> int:
+        """Wait until the request's build has started (and ``step``, if given); its buildid."""
+
+        def started() -> int | None:
+            builds = self.get("builds", buildrequestid=request.brid)["builds"]
+            if not builds:
+                return None
+            buildid: int = max(b["buildid"] for b in builds)
+            if step is None:
+                return buildid
+            steps = self.get(f"builds/{buildid}/steps", name=step)["steps"]
+            return buildid if steps and steps[0]["started_at"] is not None else None
+
+        what = f"build request {request.brid} to start" + (f" step {step!r}" if step else "")
+        return wait_for(started, timeout, what, self.logs, interval=0.1)
+
+    def stop_build(self, buildid: int, reason: str = "stopped by test") -> None:
+        """Stop (interrupt) a running build, like the UI's Stop button."""
+        self.rpc(f"builds/{buildid}", "stop", reason=reason)
+
+    def control_worker(self, name: str, action: str, reason: str = "test") -> None:
+        """``action``: 'stop' (graceful shutdown), 'kill' (shutdown now), 'pause', 'unpause'."""
+        workerid = self.worker_info(name)["workerid"]
+        self.rpc(f"workers/{workerid}", action, reason=reason)
 
     def build_result(self, buildid: int) -> BuildResult:
         build = self.get(f"builds/{buildid}", property="*")["builds"][0]

@@ -34,6 +34,7 @@ master = master_fixture(
         "sleepy0": "[steps.ShellCommand(command=['sleep', '2'])]",
         "sleepy1": "[steps.ShellCommand(command=['sleep', '2'])]",
         "sleepy2": "[steps.ShellCommand(command=['sleep', '2'])]",
+        "long": "[steps.ShellCommand(command=['sleep', '100'])]",
         "orphan": "[steps.ShellCommand(command='setsid sleep 120 </dev/null >/dev/null 2>&1 &')]",
     },
     workers=("w1", "w2"),
@@ -133,6 +134,22 @@ def test_leftover_processes_are_detected(master: RealMaster, worker: WorkerProce
     kill_processes(leftovers)
     assert [p.cmdline for p in leftovers] == ["sleep 120"]
     assert leftover_processes(baseline, grace=2) == []
+
+
+def test_stop_build_interrupts_the_command(master: RealMaster, worker: WorkerProcess) -> None:
+    request = master.request_build("long")
+    buildid = master.wait_build_started(request, step="shell")
+    master.stop_build(buildid)
+    build = master.wait_build(request, timeout=30)
+    assert build.result == "CANCELLED", build.describe()
+    assert build.step("shell").result == "CANCELLED"
+
+
+def test_master_can_shut_a_worker_down(master: RealMaster, reference_worker: str) -> None:
+    w2 = master.start_worker(reference_worker, "w2")
+    master.control_worker("w2", "kill")
+    assert w2.wait(timeout=20) == 0
+    master.wait_worker_disconnected("w2")
 
 
 def test_second_worker_starts_and_stops(master: RealMaster, reference_worker: str) -> None:
