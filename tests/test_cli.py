@@ -7,6 +7,7 @@ tiny fake ``run_worker`` (set in the launcher) because these tests are about the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -19,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+import pyworker
+
+#: Where the pyworker under test is imported from (site-packages in CI, else the tree);
+#: the launchers import the very same package.
+PKG_ROOT = Path(pyworker.__file__).resolve().parent.parent
 
 LAUNCHER = """\
 #!{python}
@@ -57,7 +62,7 @@ sys.exit(main())
 
 def launcher(tmp_path: Path, mode: str = "attach") -> str:
     path = tmp_path / f"pyworker-{mode}"
-    path.write_text(LAUNCHER.format(python=sys.executable, repo=str(REPO), mode=mode))
+    path.write_text(LAUNCHER.format(python=sys.executable, repo=str(PKG_ROOT), mode=mode))
     path.chmod(0o755)
     return str(path)
 
@@ -153,11 +158,27 @@ def test_no_command_and_unknown_command(tmp_path: Path) -> None:
 
 
 def test_bench_without_module(tmp_path: Path) -> None:
-    if (REPO / "pyworker" / "bench.py").exists() or (REPO / "pyworker" / "bench").exists():
+    if importlib.util.find_spec("pyworker.bench") is not None:
         pytest.skip("pyworker.bench exists")
     result = run(launcher(tmp_path), "bench", "--quick")
     assert result.returncode == 1
     assert "pyworker.bench" in result.stderr
+
+
+def test_installed_console_script(tmp_path: Path) -> None:
+    """The real ``pyworker`` console script (``$PYWORKER`` in CI), with an empty environment."""
+    exe = os.environ.get("PYWORKER")
+    if not exe:
+        pytest.skip("PYWORKER is not set")
+    result = run(exe, "--version", env={})
+    assert result.returncode == 0 and result.stdout.startswith("worker version: 4.3.0\n")
+    create(exe, tmp_path / "w")
+    assert "Application('buildbot-worker')" in (tmp_path / "w" / "buildbot.tac").read_text()
+    result = run(exe, "start", "--nodaemon", str(tmp_path / "nope"), env={})
+    assert result.returncode == 1
+    assert result.stdout.endswith(f"invalid worker directory '{tmp_path}/nope'\n")
+    result = run(exe, "stop", str(tmp_path / "w"), env={})
+    assert (result.returncode, result.stdout) == (0, "worker not running\n")
 
 
 # ---------------------------------------------------------------------------------------
