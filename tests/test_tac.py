@@ -71,14 +71,34 @@ def test_default_tac_is_python_with_marker(tmp_path: Path) -> None:
         (("-n",), {"no_logrotate": True}),
         (
             ("--umask=0o22", "-k", "0", "--maxretries=3", "--numcpus=4", "-l", "None"),
-            {"umask": "0o22", "keepalive": 0, "maxretries": "3", "numcpus": "4",
-             "log_count": "None"},
+            {
+                "umask": "0o22",
+                "keepalive": 0,
+                "maxretries": "3",
+                "numcpus": "4",
+                "log_count": "None",
+            },
         ),
         (
-            ("--use-tls", "--delete-leftover-dirs", "-a", "file", "--protocol",
-             PROTOCOL_MSGPACK, "-s", "1234", "--maxdelay=7"),
-            {"use_tls": True, "delete_leftover_dirs": True, "allow_shutdown": "file",
-             "protocol": PROTOCOL_MSGPACK, "log_size": 1234, "maxdelay": 7},
+            (
+                "--use-tls",
+                "--delete-leftover-dirs",
+                "-a",
+                "file",
+                "--protocol",
+                PROTOCOL_MSGPACK,
+                "-s",
+                "1234",
+                "--maxdelay=7",
+            ),
+            {
+                "use_tls": True,
+                "delete_leftover_dirs": True,
+                "allow_shutdown": "file",
+                "protocol": PROTOCOL_MSGPACK,
+                "log_size": 1234,
+                "maxdelay": 7,
+            },
         ),
         (
             ("--connection-string=tcp:host=m:port=1", "--proxy-connection-string=tcp:p:3"),
@@ -86,12 +106,12 @@ def test_default_tac_is_python_with_marker(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_make_tac_matches_reference(tmp_path: Path, cli_args: tuple[str, ...],
-                                    opts: dict[str, object]) -> None:
+def test_make_tac_matches_reference(
+    tmp_path: Path, cli_args: tuple[str, ...], opts: dict[str, object]
+) -> None:
     ref_dir = tmp_path / "ref"
     expected = reference_create(ref_dir, *cli_args, "m.example:1234", "wörker", "p'w\"d")
-    ours = make_tac(TacOptions(str(ref_dir), "m.example", 1234, "wörker", "p'w\"d",
-                               **opts))  # type: ignore[arg-type]
+    ours = make_tac(TacOptions(str(ref_dir), "m.example", 1234, "wörker", "p'w\"d", **opts))  # type: ignore[arg-type]
     assert ours == expected
 
 
@@ -119,8 +139,7 @@ def test_check_worker_dir(tmp_path: Path) -> None:
     )
     write(tmp_path, "print('hello')\n")
     assert check_worker_dir(str(tmp_path)) == (
-        f"unexpected content in '{tmp_path}/buildbot.tac'\n"
-        f"invalid worker directory '{tmp_path}'"
+        f"unexpected content in '{tmp_path}/buildbot.tac'\ninvalid worker directory '{tmp_path}'"
     )
     write(tmp_path, make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p")))
     assert check_worker_dir(str(tmp_path)) is None
@@ -134,8 +153,13 @@ def test_load_default_tac(tmp_path: Path) -> None:
     write(tmp_path, make_tac(TacOptions(str(tmp_path), "master.example", 9989, "w1", "s3cret")))
     config = load_tac(str(tmp_path))
     assert config == WorkerConfig(
-        basedir=str(tmp_path), workername="w1", password="s3cret",
-        master_host="master.example", port=9989, keepalive=600, maxdelay=300,
+        basedir=str(tmp_path),
+        workername="w1",
+        password="s3cret",
+        master_host="master.example",
+        port=9989,
+        keepalive=600,
+        maxdelay=300,
     )
     assert "s3cret" not in repr(config)
     assert load_tac(str(tmp_path / "buildbot.tac")) == config
@@ -143,18 +167,40 @@ def test_load_default_tac(tmp_path: Path) -> None:
 
 @needs_reference
 def test_load_reference_written_tacs(tmp_path: Path) -> None:
-    reference_create(tmp_path / "a", "--umask=0o22", "-k", "0", "--maxretries=5",
-                     "--use-tls", "-a", "signal", "-s", "500", "-l", "None",
-                     "[::1]:4000", "wa", "pa")
+    reference_create(
+        tmp_path / "a",
+        "--umask=0o22",
+        "-k",
+        "0",
+        "--maxretries=5",
+        "--use-tls",
+        "-a",
+        "signal",
+        "-s",
+        "500",
+        "-l",
+        "None",
+        "[::1]:4000",
+        "wa",
+        "pa",
+    )
     a = load_tac(str(tmp_path / "a"))
     assert (a.master_host, a.port, a.workername, a.password) == ("::1", 4000, "wa", "pa")
     assert a.umask == 0o22 and a.keepalive is None and a.maxretries == 5
     assert a.use_tls and a.allow_shutdown == "signal" and not a.delete_leftover_dirs
     assert (a.log_rotate, a.rotate_length, a.max_rotated_files) == (True, 500, None)
 
-    reference_create(tmp_path / "b", "-r", "-n", "--connection-string=tcp:host=h:port=2",
-                     "--protocol=" + PROTOCOL_MSGPACK, "--delete-leftover-dirs",
-                     "h:1", "wb", "pb")
+    reference_create(
+        tmp_path / "b",
+        "-r",
+        "-n",
+        "--connection-string=tcp:host=h:port=2",
+        "--protocol=" + PROTOCOL_MSGPACK,
+        "--delete-leftover-dirs",
+        "h:1",
+        "wb",
+        "pb",
+    )
     shutil.move(tmp_path / "b", tmp_path / "moved")
     b = load_tac(str(tmp_path / "moved"))
     assert b.basedir == str(tmp_path / "moved")
@@ -173,7 +219,7 @@ def test_relocatable_and_relative_basedir(tmp_path: Path) -> None:
     assert load_tac(str(tmp_path / "rel")).basedir == str(tmp_path / "rel" / "sub")
 
 
-HAND_EDITED = '''
+HAND_EDITED = """
 import os
 from buildbot_worker.bot import Worker
 from twisted.application import service
@@ -197,7 +243,7 @@ except ImportError:
 s = Worker(MASTER, 9990 + 1, prefix + "linux", "hand" "written", basedir, 0,
            umask=0o002, maxdelay=60, protocol="pb", useTls=True, maxRetries=None)
 s.setServiceParent(application)
-'''
+"""
 
 
 def test_hand_edited_tac(tmp_path: Path) -> None:
@@ -208,7 +254,10 @@ def test_hand_edited_tac(tmp_path: Path) -> None:
     assert config.keepalive is None and config.umask == 0o002 and config.maxdelay == 60
     assert config.use_tls and config.protocol == "pb"
     assert (config.log_rotate, config.rotate_length, config.max_rotated_files) == (
-        True, 10 * 1024 * 1024, 3)
+        True,
+        10 * 1024 * 1024,
+        3,
+    )
 
 
 def test_template_variables_without_worker_call(tmp_path: Path) -> None:
