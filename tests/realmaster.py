@@ -525,9 +525,11 @@ class RealMaster:
                     f"buildbot create-master failed ({res.returncode}):\n"
                     f"{res.stdout.decode(errors='replace')}{res.stderr.decode(errors='replace')}"
                 )
-        self.pb_port = free_port()
-        self.www_port = free_port()
-        self.msgpack_port = free_port() if self.msgpack else 0
+        # ports are kept across restart() so that running workers can reconnect
+        self.pb_port = self.pb_port or free_port()
+        self.www_port = self.www_port or free_port()
+        if self.msgpack:
+            self.msgpack_port = self.msgpack_port or free_port()
         (self.basedir / "master.cfg").write_text(self.master_cfg())
         start_at = self.twistd_log.stat().st_size if self.twistd_log.exists() else 0
         with open(self.console_log, "ab") as console:
@@ -584,7 +586,7 @@ class RealMaster:
         return leftovers
 
     def restart(self, extra_config: str | None = None) -> None:
-        """Stop the master only (workers keep running) and start it again on new ports."""
+        """Stop the master only (workers keep running) and start it again on the same ports."""
         if self.proc is not None:
             _terminate(self.proc, 20)
         if extra_config is not None:

@@ -171,3 +171,28 @@ def test_fresh_master_per_test(make_master: MasterFactory, reference_worker: str
     build = m.force_build("b")
     assert build.result == "SUCCESS", build.describe()
     assert time.monotonic() - started < 30
+
+
+def test_reconfig_and_restart_keep_the_worker(
+    make_master: MasterFactory, reference_worker: str
+) -> None:
+    def secrets(value: str) -> str:
+        return (
+            "from buildbot.test.fake.secrets import FakeSecretStorage\n"
+            f"c['secretsProviders'] = [FakeSecretStorage(secretdict={{'s': {value!r}}})]\n"
+        )
+
+    m = make_master(
+        {"b": "[steps.ShellCommand(command=['echo', util.Interpolate('%(secret:s)s')])]"},
+        extra_config=secrets("first"),
+    )
+    m.start_worker(reference_worker)
+    assert "ofirst" not in m.force_build("b").step("shell").logs["stdio"]
+    m.reconfig(secrets("second"))
+    assert m.is_worker_connected("w1")
+    stdio = m.force_build("b").step("shell").logs["stdio"]
+    assert "o<s>\n" in stdio and "second" not in stdio
+    m.restart()  # the worker notices the lost connection and reconnects by itself
+    m.wait_worker_connected("w1", timeout=60)
+    build = m.force_build("b")
+    assert (build.number, build.result) == (3, "SUCCESS"), build.describe()
