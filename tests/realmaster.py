@@ -226,6 +226,20 @@ def kill_processes(procs: Iterable[ProcInfo]) -> None:
     reap_zombies(p.pid for p in procs)
 
 
+def default_worker_env(executable: str) -> dict[str, str]:
+    """The environment a worker is started with: empty, as in Buildbot's interop tests.
+
+    Exception: when ``PYWORKER_IO`` is set (ci/test.sh runs tests/ once per I/O backend)
+    it is passed on to pyworker executables (basename starting with ``pyworker``), never
+    to the reference worker. pyworker must therefore keep it out of its commands'
+    environment, or their ``environment:`` headers differ from the reference.
+    """
+    io = os.environ.get("PYWORKER_IO")
+    if io and os.path.basename(executable).startswith("pyworker"):
+        return {"PYWORKER_IO": io}
+    return {}
+
+
 def _clean_env() -> dict[str, str]:
     """The environment for the master: ours, minus what would leak our venv into it."""
     env = {
@@ -362,6 +376,7 @@ class WorkerProcess:
         master_addr: str,
         protocol: str = PB_PROTOCOL,
         create_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         # relative paths would break: the worker is started from another directory
         self.executable = (
@@ -373,6 +388,7 @@ class WorkerProcess:
         self.master_addr = master_addr
         self.protocol = protocol
         self.create_args = list(create_args)
+        self.env = dict(env) if env is not None else default_worker_env(self.executable)
         self.console_log = basedir.parent / f"{basedir.name}.console.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -393,7 +409,12 @@ class WorkerProcess:
         argv += [*self.create_args, "-q", str(self.basedir), self.master_addr]
         argv += [self.name, self.password]
         res = subprocess.run(
-            argv, env={}, cwd=self.basedir.parent, capture_output=True, timeout=60, check=False
+            argv,
+            env=self.env,
+            cwd=self.basedir.parent,
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         if res.returncode != 0:
             raise HarnessError(
@@ -406,7 +427,7 @@ class WorkerProcess:
         with open(self.console_log, "ab") as console:
             self.proc = subprocess.Popen(
                 [self.executable, "start", "--nodaemon", str(self.basedir)],
-                env={},  # as Buildbot's SandboxedWorker: spawnProcess without env
+                env=self.env,  # {} as Buildbot's SandboxedWorker (spawnProcess without env)
                 cwd=self.basedir.parent,
                 stdin=subprocess.DEVNULL,
                 stdout=console,
@@ -723,10 +744,15 @@ class RealMaster:
         *,
         protocol: str = PB_PROTOCOL,
         create_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
         wait: bool = True,
         timeout: float = 30,
     ) -> WorkerProcess:
-        """Create and start a worker process; by default wait until the master sees it."""
+        """Create and start a worker process; by default wait until the master sees it.
+
+        ``env`` is the worker's whole environment; the default is
+        :func:`default_worker_env` (empty, but for ``PYWORKER_IO`` given to pyworker).
+        """
         name = name or self.worker_names[0]
         if name not in self.worker_names:
             raise HarnessError(f"worker {name!r} is not in this master's {self.worker_names}")
@@ -744,7 +770,14 @@ class RealMaster:
         if basedir.exists():
             shutil.rmtree(basedir)
         w = WorkerProcess(
-            executable, basedir, name, self.password, f"127.0.0.1:{port}", protocol, create_args
+            executable,
+            basedir,
+            name,
+            self.password,
+            f"127.0.0.1:{port}",
+            protocol,
+            create_args,
+            env,
         )
         w.create()
         w.start()
