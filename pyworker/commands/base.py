@@ -1,0 +1,64 @@
+"""What every command has: its arguments, the channel to the front end, and argument checks."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pyworker.executor import Channel, CommandError
+
+
+class Command:
+    """One run of one command. Subclasses implement :meth:`run` and list ``required_args``."""
+
+    required_args: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
+        self.channel = channel
+        self.args: dict[str, Any] = request["args"]
+        self.basedir: str = request["basedir"]
+        self.command_id: str = request.get("command_id", "")
+        self.io: dict[str, Any] = request.get("io", {})
+        missing = [a for a in self.required_args if a not in self.args]
+        if missing:
+            raise CommandError(f"{type(self).__name__} is missing args: {', '.join(missing)}")
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    # -- argument access with readable errors ----------------------------------------------
+
+    def arg_str(self, name: str, default: Any = None, allow_none: bool = False) -> Any:
+        value = self.args.get(name, default)
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, str):
+            raise CommandError(f"argument '{name}' must be a string, not {_kind(value)}")
+        return value
+
+    def arg_number(self, name: str, default: Any = None) -> float | int | None:
+        value = self.args.get(name, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandError(f"argument '{name}' must be a number or None, not {_kind(value)}")
+        return value
+
+    def arg_bool(self, name: str, default: bool) -> bool:
+        value = self.args.get(name, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return bool(value)
+        raise CommandError(f"argument '{name}' must be a boolean, not {_kind(value)}")
+
+    def arg_paths(self, name: str) -> list[str]:
+        value = self.args.get(name)
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
+            return list(value)
+        raise CommandError(f"argument '{name}' must be a string or a list of strings")
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.60}"

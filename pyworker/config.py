@@ -1,0 +1,43 @@
+"""The worker's configuration: what a ``buildbot.tac`` says, as one typed value.
+
+``pyworker.tac`` reads and writes ``buildbot.tac`` files; everything else in the package
+takes a :class:`WorkerConfig` and never looks at the tac itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: The version we report to the master (``getWorkerInfo()['version']``, ``getVersion``).
+#: The master compares command versions, not this string, but operators read it in the UI.
+REFERENCE_VERSION = "4.3.0"
+
+PROTOCOL_PB = "pb"
+PROTOCOL_MSGPACK = "msgpack_experimental_v7"
+PROTOCOLS = (PROTOCOL_PB, PROTOCOL_MSGPACK)
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """Everything the front end needs to run one worker, as the tac file states it."""
+
+    basedir: str
+    workername: str
+    password: str = dataclasses.field(repr=False)
+    master_host: str | None = None
+    port: int | None = None
+    connection_string: str | None = None
+    keepalive: int | None = 600
+    umask: int | None = None
+    maxdelay: int = 300
+    numcpus: int | None = None
+    allow_shutdown: str | None = None
+    maxretries: int | None = None
+    use_tls: bool = False
+    delete_leftover_dirs: bool = False
+    proxy_connection_string: str | None = None
+    protocol: str = PROTOCOL_PB
+    #: twistd.log rotation; ``log_rotate`` is False when the tac has no rotating log block.
+    log_rotate: bool = True
+    rotate_length: int = 10_000_000
+    max_rotated_files: int | None = 10

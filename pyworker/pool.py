@@ -1,0 +1,299 @@
+"""The executor pool: the front end's supervised set of executor processes.
+
+Executors are started ahead of demand (``min_idle`` wait idle at all times, so a command never
+pays for a Python start-up), the pool grows with concurrent commands up to ``max_size`` and
+shrinks back when executors stay idle for ``idle_timeout`` seconds. A command that finds the
+pool at its bound waits for the next free executor. An executor that dies is replaced, and the
+command it ran is told (its session fails the step with a readable message).
+
+Everything here runs in the reactor and never blocks: executors are Twisted child processes
+whose pipes are read and written by the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.base import DelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyworker import wire
+
+log = Logger()
+
+#: How an executor starts: import pyworker from where this front end imported it.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_EXECUTOR_BOOT = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+    "from pyworker.executor import main; sys.exit(main())"
+)
+
+
+class ExecutorClient(Protocol):
+    """What the pool needs from the owner of a running command (a ``CommandSession``)."""
+
+    def executor_frame(self, kind: int, channel: int, payload: bytes) -> None: ...
+
+    def executor_lost(self, reason: str) -> None: ...
+
+
+class Executor(protocol.ProcessProtocol):
+    """One executor process, seen from the front end."""
+
+    def __init__(self, pool: ExecutorPool) -> None:
+        self.pool = pool
+        self.decoder = wire.FrameDecoder()
+        self.client: ExecutorClient | None = None
+        self.alive = True
+        self.started_at = 0.0
+        self.idle_since = 0.0
+        self._paused = False
+        self._stderr_tail = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.transport.pid if self.transport is not None else None  # type: ignore[attr-defined]
+
+    def send(self, data: bytes) -> None:
+        if self.alive and self.transport is not None:
+            self.transport.write(data)
+
+    def pause(self) -> None:
+        """Stop reading this executor's output: its writes block, and so does its command."""
+        if not self._paused and self.alive:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        if self._paused and self.alive:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802 - Twisted
+        if childFD == 1:
+            try:
+                for kind, channel, payload in self.decoder.feed(data):
+                    if self.client is not None:
+                        self.client.executor_frame(kind, channel, payload)
+                    elif kind != wire.COMPLETE:
+                        log.warn("executor {pid} sent frame {kind} with no command", pid=self.pid,
+                                 kind=kind)
+            except wire.WireError as e:
+                log.error("executor {pid} broke the wire protocol: {e}", pid=self.pid, e=e)
+                self.kill()
+        else:
+            # Executors only write to stderr when something is badly wrong: log it whole.
+            text = (self._stderr_tail + data).decode("utf-8", "replace")
+            lines = text.split("\n")
+            self._stderr_tail = lines.pop().encode()
+            for line in lines:
+                log.info("executor {pid}: {line}", pid=self.pid, line=line)
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted
+        self.alive = False
+        self.pool.executor_ended(self, reason)
+
+    def kill(self) -> None:
+        if self.alive and self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+
+class ExecutorPool:
+    """Starts, hands out, takes back and supervises :class:`Executor` processes."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        min_idle: int = 1,
+        max_size: int = 64,
+        idle_timeout: float = 60.0,
+        executable: str = sys.executable,
+    ) -> None:
+        self.reactor = reactor
+        self.min_idle = min_idle
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
+        self.executable = executable
+        self.idle: list[Executor] = []
+        self.busy: set[Executor] = set()
+        self.waiting: deque[tuple[ExecutorClient, Callable[[Executor], None]]] = deque()
+        self.stopping = False
+        self._shrink_call: DelayedCall | None = None
+        self._all_ended: list[defer.Deferred[None]] = []
+        self.started_count = 0
+        self.died_count = 0
+        self._early_deaths = 0
+        self._replenish_call: DelayedCall | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy)
+
+    def start(self) -> None:
+        self._replenish()
+
+    def _spawn(self) -> Executor:
+        executor = Executor(self)
+        self.reactor.spawnProcess(
+            executor,
+            self.executable,
+            [self.executable, "-c", _EXECUTOR_BOOT],
+            env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        self.started_count += 1
+        executor.started_at = executor.idle_since = self.reactor.seconds()
+        return executor
+
+    def _replenish(self) -> None:
+        if self._replenish_call is not None:
+            return  # backing off after executors crashed at start-up
+        while not self.stopping and len(self.idle) < self.min_idle and self.size < self.max_size:
+            self.idle.append(self._spawn())
+
+    def _replenish_later(self) -> None:
+        """Executors die right after start: retry with a growing delay, not in a tight loop."""
+        self._early_deaths += 1
+        delay = min(0.1 * 2**self._early_deaths, 30.0)
+        log.error("executors die at start-up; retrying in {delay:.1f} s", delay=delay)
+
+        def again() -> None:
+            self._replenish_call = None
+            self._replenish()
+
+        if self._replenish_call is None:
+            self._replenish_call = self.reactor.callLater(delay, again)
+
+    def acquire(self, client: ExecutorClient, start: Callable[[Executor], None]) -> None:
+        """Give ``client`` an executor: ``start(executor)`` runs now, or when one frees up."""
+        if self.stopping:
+            raise RuntimeError("the worker is shutting down")
+        if self.idle:
+            executor = self.idle.pop()
+        elif self.size < self.max_size:
+            executor = self._spawn()
+        else:
+            self.waiting.append((client, start))
+            return
+        self._hand_out(executor, client, start)
+        self._replenish()
+
+    def cancel_wait(self, client: ExecutorClient) -> bool:
+        """Drop a client still waiting for an executor; True if it was waiting."""
+        for item in self.waiting:
+            if item[0] is client:
+                self.waiting.remove(item)
+                return True
+        return False
+
+    def _hand_out(
+        self, executor: Executor, client: ExecutorClient, start: Callable[[Executor], None]
+    ) -> None:
+        executor.client = client
+        self.busy.add(executor)
+        start(executor)
+
+    def release(self, executor: Executor) -> None:
+        """A command finished: the executor is free for the next one."""
+        executor.client = None
+        executor.resume()
+        self.busy.discard(executor)
+        if not executor.alive:
+            return
+        if self.stopping:
+            executor.transport.closeStdin()  # type: ignore[union-attr]
+            return
+        if self.waiting:
+            client, start = self.waiting.popleft()
+            self._hand_out(executor, client, start)
+            return
+        executor.idle_since = self.reactor.seconds()
+        self.idle.append(executor)
+        self._schedule_shrink()
+
+    def _schedule_shrink(self) -> None:
+        if self._shrink_call is None or not self._shrink_call.active():
+            self._shrink_call = self.reactor.callLater(self.idle_timeout, self._shrink)
+
+    def _shrink(self) -> None:
+        self._shrink_call = None
+        now = self.reactor.seconds()
+        keep = []
+        for i, executor in enumerate(sorted(self.idle, key=lambda e: e.idle_since, reverse=True)):
+            if i < self.min_idle or now - executor.idle_since < self.idle_timeout:
+                keep.append(executor)
+            else:
+                executor.transport.closeStdin()  # type: ignore[union-attr]
+        self.idle = keep
+        if len(self.idle) > self.min_idle:
+            self._schedule_shrink()
+
+    def executor_ended(self, executor: Executor, reason: Failure) -> None:
+        if executor in self.idle:
+            self.idle.remove(executor)
+        client = executor.client
+        self.busy.discard(executor)
+        executor.client = None
+        if not self.stopping:
+            status = reason.value
+            signum = getattr(status, "signal", None)
+            why = (
+                f"killed by signal {signum} ({signal.Signals(signum).name})"
+                if signum
+                else f"exited with status {getattr(status, 'exitCode', '?')}"
+            )
+            if client is not None:
+                self.died_count += 1
+                log.error("executor {pid} {why} while running a command", pid=executor.pid,
+                          why=why)
+                client.executor_lost(f"the pyworker executor process {why}")
+            else:
+                log.warn("idle executor {why}", why=why)
+            if self.reactor.seconds() - executor.started_at < 2.0:
+                self._replenish_later()
+            else:
+                self._early_deaths = 0
+                self._replenish()
+        if self.stopping and self.size == 0:
+            waiters, self._all_ended = self._all_ended, []
+            for d in waiters:
+                d.callback(None)
+
+    def stop(self, grace: float = 5.0) -> defer.Deferred[None]:
+        """End every executor (closing their stdin ends their commands); fires when all ended."""
+        self.stopping = True
+        for call in (self._shrink_call, self._replenish_call):
+            if call is not None and call.active():
+                call.cancel()
+        while self.waiting:
+            client, _ = self.waiting.popleft()
+            client.executor_lost("the worker is shutting down")
+        if self.size == 0:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._all_ended.append(d)
+        for executor in list(self.idle) + list(self.busy):
+            try:
+                executor.transport.closeStdin()  # type: ignore[union-attr]
+                executor.transport.signalProcess("TERM")  # type: ignore[union-attr]
+            except (error.ProcessExitedAlready, AttributeError):
+                pass
+
+        def kill_stragglers() -> None:
+            for executor in list(self.idle) + list(self.busy):
+                executor.kill()
+
+        call = self.reactor.callLater(grace, kill_stragglers)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d

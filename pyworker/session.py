@@ -1,0 +1,285 @@
+"""One running command, seen from the front end: the bridge between an executor and the master.
+
+A :class:`CommandSession` owns the executor while the command runs. It turns the executor's
+frames into the master's calls through a :class:`MasterSide` (one per wire protocol), and
+answers the executor's transfer requests. Output is never held back on a timer: text goes to
+the master as soon as it arrives, and while an ``update`` call is in flight the next text is
+batched (up to ``BATCH_BYTES`` per call), because the master's cost is per call, not per
+byte. If the master falls far behind, the session stops reading the executor, whose pipe
+then fills and pauses the command itself: memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import marshal
+from collections import deque
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pyworker import wire
+from pyworker.pool import Executor, ExecutorPool
+
+log = Logger()
+
+#: Upper bound of the text carried by one ``update`` call (Twisted refuses strings > 640 KiB).
+BATCH_BYTES = 512 * 1024
+#: Stop reading the executor when this much output waits for the master; resume below LOW.
+HIGH_WATER = 8 * 1024 * 1024
+LOW_WATER = 2 * 1024 * 1024
+TEXT_KEYS = frozenset(wire.TEXT_CHANNELS)
+
+
+class MasterSide(Protocol):
+    """How a session talks to the master's side of one command (PB or msgpack)."""
+
+    def send_updates(self, updates: list[tuple[str, Any]]) -> defer.Deferred[Any]:
+        """Send updates in order as one message; fires when the master has taken them."""
+
+    def complete(self, failure: str | None) -> defer.Deferred[Any]: ...
+
+    def call(self, target: str, method: str, args: tuple[Any, ...]) -> defer.Deferred[Any]:
+        """Call ``method`` on the master's ``writer`` or ``reader`` for this command."""
+
+
+class CommandSession:
+    """The front end's state for one command, from ``startCommand`` to ``complete``."""
+
+    def __init__(
+        self,
+        pool: ExecutorPool,
+        master: MasterSide,
+        name: str,
+        command_id: str,
+        request: dict[str, Any],
+        on_done: Any = None,
+    ) -> None:
+        self.pool = pool
+        self.master = master
+        self.name = name
+        self.command_id = command_id
+        self.request = request
+        self.on_done = on_done
+        self.executor: Executor | None = None
+        self.pending: deque[list[Any]] = deque()
+        self.pending_bytes = 0
+        self.in_flight = 0
+        self.silenced = False
+        self.done = False
+        self.interrupted = False
+        self._writes_failed: str | None = None
+        self.bytes_out = 0
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        payload = marshal.dumps(self.request)  # ValueError for values we cannot carry
+        self.pool.acquire(self, lambda ex: self._started(ex, payload))
+
+    def _started(self, executor: Executor, payload: bytes) -> None:
+        self.executor = executor
+        executor.send(wire.frame(wire.START, payload))
+        if self.interrupted:
+            executor.send(wire.value_frame(wire.INTERRUPT, "interrupted"))
+
+    def interrupt(self, why: str) -> None:
+        """The master asked to stop the command (it still expects ``complete``)."""
+        if self.done or self.interrupted:
+            return
+        self.interrupted = True
+        if self.executor is not None:
+            self.executor.send(wire.value_frame(wire.INTERRUPT, why or "interrupted"))
+        elif self.pool.cancel_wait(self):
+            # Never started: finish as an interrupted command would, with no rc.
+            self._finish(None)
+
+    def silence(self) -> None:
+        """Stop the command and send nothing more to the master (connection lost, builder
+        removed, worker stopping)."""
+        if self.done:
+            return
+        self.silenced = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.executor is not None:
+            self.executor.resume()
+        self.interrupt("silenced")
+        if self.executor is None and not self.done:
+            self.pool.cancel_wait(self)
+            self._finish(None)
+
+    # -- executor frames -----------------------------------------------------------------
+
+    def executor_frame(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == wire.TEXT:
+            if not self.silenced:
+                self._queue(wire.TEXT_CHANNELS[channel], payload.decode("utf-8"), len(payload))
+        elif kind == wire.UPDATE:
+            if not self.silenced:
+                for key, value in wire.load(payload):
+                    self._queue(key, value, 20)
+        elif kind == wire.LOG:
+            if not self.silenced:
+                logname, text = wire.load(payload)
+                self._queue("log", (logname, text), len(text))
+        elif kind == wire.COMPLETE:
+            self._finish(wire.load(payload))
+        elif kind == wire.CALL:
+            target, method, args = wire.load(payload)
+            self._relay_call(target, method, tuple(args))
+        elif kind == wire.WRITE:
+            self._relay_write(payload)
+        elif kind == wire.READ:
+            self._relay_read(wire.load(payload))
+        else:
+            log.warn("unexpected frame kind {kind} from executor", kind=kind)
+
+    def executor_lost(self, reason: str) -> None:
+        self.executor = None
+        if self.done:
+            return
+        if not self.silenced:
+            self._queue("header", f"\n{reason}; the command was abandoned\n", 0)
+        self._finish(f"{reason} while running command {self.command_id} ({self.name})")
+
+    # -- updates -------------------------------------------------------------------------
+
+    def _queue(self, key: str, value: Any, size: int) -> None:
+        pending = self.pending
+        if pending:
+            last = pending[-1]
+            if key in TEXT_KEYS and last[0] == key and last[2] + size <= BATCH_BYTES:
+                last[1] += value
+                last[2] += size
+                self._account(size)
+                return
+            if (
+                key == "log"
+                and last[0] == "log"
+                and last[1][0] == value[0]
+                and last[2] + size <= BATCH_BYTES
+            ):
+                last[1] = (value[0], last[1][1] + value[1])
+                last[2] += size
+                self._account(size)
+                return
+        pending.append([key, value, size])
+        self._account(size)
+        if self.in_flight == 0:
+            self._send_batch()
+
+    def _account(self, size: int) -> None:
+        self.pending_bytes += size
+        if self.pending_bytes > HIGH_WATER and self.executor is not None:
+            self.executor.pause()
+
+    def _send_batch(self) -> None:
+        """Send what is pending, at most BATCH_BYTES of it, as one ``update`` call."""
+        if not self.pending:
+            return
+        batch: list[tuple[str, Any]] = []
+        size = 0
+        while self.pending and (not batch or size + self.pending[0][2] <= BATCH_BYTES):
+            key, value, n = self.pending.popleft()
+            batch.append((key, value))
+            size += n
+        self.pending_bytes -= size
+        self.bytes_out += size
+        if self.pending_bytes < LOW_WATER and self.executor is not None:
+            self.executor.resume()
+        self.in_flight += 1
+        d = self.master.send_updates(batch)
+        d.addErrback(self._update_failed)
+        d.addBoth(self._update_done)
+
+    def _update_failed(self, failure: Failure) -> None:
+        log.warn("update for command {id} failed: {f}", id=self.command_id,
+                 f=failure.getErrorMessage())
+
+    def _update_done(self, _: Any) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and not self.done:
+            self._send_batch()
+
+    # -- completion ----------------------------------------------------------------------
+
+    def _finish(self, failure: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            self.pool.release(executor)
+        if not self.silenced:
+            while self.pending:
+                self._send_batch()
+            d = self.master.complete(failure)
+            d.addErrback(lambda f: log.warn("complete for command {id} failed: {f}",
+                                            id=self.command_id, f=f.getErrorMessage()))
+        if self.on_done is not None:
+            self.on_done(self)
+
+    # -- transfers -----------------------------------------------------------------------
+
+    def _answer(self, kind: int, value: Any) -> None:
+        if self.executor is not None:
+            self.executor.send(wire.value_frame(kind, value))
+
+    def _relay_call(self, target: str, method: str, args: tuple[Any, ...]) -> None:
+        if self.silenced:
+            self._answer(wire.RESULT, (False, "the connection to the master was lost"))
+            return
+        d = self.master.call(target, method, args)
+        d.addCallbacks(
+            lambda value: self._answer(wire.RESULT, (True, _plain(value))),
+            lambda f: self._answer(wire.RESULT, (False, _failure_text(f))),
+        )
+
+    def _relay_write(self, data: bytes) -> None:
+        n = len(data)
+        if self.silenced or self._writes_failed is not None:
+            self._answer(wire.ACK, (n, self._writes_failed or "the connection was lost"))
+            return
+
+        def failed(f: Failure) -> None:
+            if self._writes_failed is None:
+                self._writes_failed = _failure_text(f)
+            self._answer(wire.ACK, (n, self._writes_failed))
+
+        d = self.master.call("writer", "write", (data,))
+        d.addCallbacks(lambda _: self._answer(wire.ACK, (n, None)), failed)
+
+    def _relay_read(self, length: int) -> None:
+        if self.silenced:
+            self._answer(wire.RESULT, (False, "the connection to the master was lost"))
+            return
+
+        def got(data: Any) -> None:
+            if self.executor is None:
+                return
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            self.executor.send(wire.frame(wire.DATA, data or b""))
+
+        d = self.master.call("reader", "read", (length,))
+        d.addCallbacks(got, lambda f: self._answer(wire.RESULT, (False, _failure_text(f))))
+
+
+def _failure_text(f: Failure) -> str:
+    value = f.value
+    text = f.getErrorMessage()
+    kind = getattr(value, "type", None) or type(value).__name__
+    if isinstance(kind, bytes):
+        kind = kind.decode("utf-8", "replace")
+    return f"{kind}: {text}"
+
+
+def _plain(value: Any) -> Any:
+    """A master result in a form marshal can carry (references become None)."""
+    try:
+        marshal.dumps(value)
+    except ValueError:
+        return None
+    return value
