@@ -216,6 +216,25 @@ def leftover_processes(baseline: set[int], grace: float = 5.0) -> list[ProcInfo]
         time.sleep(0.1)
 
 
+def wait_for_process(cmdline: str, timeout: float = 30, gone: bool = False) -> list[ProcInfo]:
+    """Wait until a descendant whose command line is exactly ``cmdline`` runs (or is gone).
+
+    E.g. ``wait_for_process("sleep 100")`` before interrupting a build: a stop that reaches
+    the master before the worker has started the command makes the step EXCEPTION, not
+    CANCELLED.
+    """
+
+    def check() -> list[ProcInfo] | bool | None:
+        found = [p for p in descendants() if p.cmdline == cmdline and p.state != "Z"]
+        if gone:
+            return not found or None
+        return found or None
+
+    state = "to be gone" if gone else "to run"
+    result = wait_for(check, timeout, f"process {cmdline!r} {state}")
+    return result if isinstance(result, list) else []
+
+
 def kill_processes(procs: Iterable[ProcInfo]) -> None:
     for p in procs:
         try:
@@ -904,6 +923,26 @@ class RealMaster:
 
         what = f"build request {request.brid} to start" + (f" step {step!r}" if step else "")
         return wait_for(started, timeout, what, self.logs, interval=0.1)
+
+    def wait_for_log(
+        self, buildid: int, step: str, log: str, contains: str, timeout: float = 30
+    ) -> str:
+        """Wait until a running build's log contains ``contains``; returns the log text.
+
+        Remember the reference worker sends output up to 5 s late (PROTOCOL.md §4.3).
+        """
+
+        def check() -> str | None:
+            steps = self.get(f"builds/{buildid}/steps", name=step)["steps"]
+            if not steps:
+                return None
+            for entry in self.get(f"steps/{steps[0]['stepid']}/logs")["logs"]:
+                if entry["name"] == log:
+                    text = self.log_content(entry["logid"], entry["num_lines"])
+                    return text if contains in text else None
+            return None
+
+        return wait_for(check, timeout, f"{contains!r} in log {step}/{log}", self.logs, 0.2)
 
     def stop_build(self, buildid: int, reason: str = "stopped by test") -> None:
         """Stop (interrupt) a running build, like the UI's Stop button."""

@@ -19,6 +19,7 @@ from realmaster import (
     leftover_processes,
     master_fixture,
     normalize_stdio,
+    wait_for_process,
 )
 
 SECRET = "secretvalue"
@@ -139,10 +140,23 @@ def test_leftover_processes_are_detected(master: RealMaster, worker: WorkerProce
 def test_stop_build_interrupts_the_command(master: RealMaster, worker: WorkerProcess) -> None:
     request = master.request_build("long")
     buildid = master.wait_build_started(request, step="shell")
+    wait_for_process("sleep 100")
     master.stop_build(buildid)
     build = master.wait_build(request, timeout=30)
     assert build.result == "CANCELLED", build.describe()
-    assert build.step("shell").result == "CANCELLED"
+    assert build.step("shell").result == "CANCELLED", build.describe()
+    wait_for_process("sleep 100", timeout=5, gone=True)
+
+
+def test_wait_for_log_sees_output_of_a_running_step(
+    master: RealMaster, worker: WorkerProcess
+) -> None:
+    request = master.request_build("long")
+    buildid = master.wait_build_started(request, step="shell")
+    text = master.wait_for_log(buildid, "shell", "stdio", "h using PTY: False\n")
+    assert text.startswith("hsleep 100\n")
+    master.stop_build(buildid)
+    assert master.wait_build(request).result == "CANCELLED"
 
 
 def test_master_can_shut_a_worker_down(master: RealMaster, reference_worker: str) -> None:
