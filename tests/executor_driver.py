@@ -1,0 +1,110 @@
+"""Drives a real executor process over its pipes, as the front end does, for tests."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pyworker import wire
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ExecutorDriver:
+    """A real ``pyworker.executor`` child; send it commands and collect what it reports."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        environ = dict(os.environ if env is None else env)
+        environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyworker.executor"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=environ,
+        )
+        self.decoder = wire.FrameDecoder()
+        self.env = environ
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def start(self, name: str, args: dict[str, Any], basedir: str = "/tmp") -> None:
+        request = {"name": name, "args": args, "command_id": "1", "basedir": basedir, "io": {}}
+        self.send(wire.frame(wire.START, marshal.dumps(request)))
+
+    def interrupt(self, why: str = "test") -> None:
+        self.send(wire.value_frame(wire.INTERRUPT, why))
+
+    def frames(self, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        """Yield ``(kind, channel, payload)`` until ``COMPLETE`` (inclusive)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("executor did not complete in time")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            data = os.read(fd, 1 << 20)
+            if not data:
+                raise EOFError("executor exited")
+            for item in self.decoder.feed(data):
+                yield item
+                if item[0] == wire.COMPLETE:
+                    return
+
+    def run(self, name: str, args: dict[str, Any], timeout: float = 30.0, **kw: Any) -> Result:
+        self.start(name, args, **kw)
+        return Result(list(self.frames(timeout)))
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class Result:
+    """The updates of one command, in order, as ``(key, value)`` pairs."""
+
+    def __init__(self, frames: list[tuple[int, int, bytes]]) -> None:
+        self.updates: list[tuple[str, Any]] = []
+        self.failure: str | None = None
+        for kind, channel, payload in frames:
+            if kind == wire.TEXT:
+                self.updates.append((wire.TEXT_CHANNELS[channel], payload.decode()))
+            elif kind == wire.UPDATE:
+                self.updates.extend(marshal.loads(payload))
+            elif kind == wire.LOG:
+                self.updates.append(("log", marshal.loads(payload)))
+            elif kind == wire.COMPLETE:
+                self.failure = marshal.loads(payload)
+
+    def text(self, key: str) -> str:
+        return "".join(v for k, v in self.updates if k == key)
+
+    def values(self, key: str) -> list[Any]:
+        return [v for k, v in self.updates if k == key]
+
+    @property
+    def rc(self) -> Any:
+        rcs = self.values("rc")
+        assert len(rcs) <= 1, rcs
+        return rcs[0] if rcs else None
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.updates]
