@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyworker.lines import LineSplitter
+from pyworker.lines import NEWLINE_RE, LineSplitter, normalize_newlines
 
 
 def split_all(chunks: list[str]) -> str:
@@ -78,3 +78,13 @@ def test_no_character_lost_and_lines_bounded(text: str, size: int) -> None:
         return t.replace("\n", "").replace("\r", "").replace("\x08", "")
 
     assert strip(out) == strip(text)
+
+
+@given(st.text(alphabet=st.sampled_from("a\n\r\x1b[u;2JH0\x08"), max_size=200))
+def test_fast_newline_normalisation_equals_the_regex(text: str) -> None:
+    assert normalize_newlines(text) == NEWLINE_RE.sub("\n", text)
+
+
+@given(st.text(alphabet=st.sampled_from("ab\n\r"), max_size=200))
+def test_fast_path_for_cr_text(text: str) -> None:
+    assert normalize_newlines(text) == NEWLINE_RE.sub("\n", text)
