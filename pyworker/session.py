@@ -147,25 +147,26 @@ class CommandSession:
     # -- updates -------------------------------------------------------------------------
 
     def _queue(self, key: str, value: Any, size: int) -> None:
+        """Queue one update; text joins the previous entry of the same stream (up to a batch).
+
+        Text entries hold a list of parts, joined once when sent (no quadratic appends).
+        """
         pending = self.pending
-        if pending:
+        if pending and (key in TEXT_KEYS or key == "log"):
             last = pending[-1]
-            if key in TEXT_KEYS and last[0] == key and last[2] + size <= BATCH_BYTES:
-                last[1] += value
-                last[2] += size
-                self._account(size)
-                return
-            if (
-                key == "log"
-                and last[0] == "log"
-                and last[1][0] == value[0]
-                and last[2] + size <= BATCH_BYTES
+            if last[0] == key and last[2] + size <= BATCH_BYTES and (
+                key != "log" or last[3] == value[0]
             ):
-                last[1] = (value[0], last[1][1] + value[1])
+                last[1].append(value if key != "log" else value[1])
                 last[2] += size
                 self._account(size)
                 return
-        pending.append([key, value, size])
+        if key in TEXT_KEYS:
+            pending.append([key, [value], size, None])
+        elif key == "log":
+            pending.append([key, [value[1]], size, value[0]])
+        else:
+            pending.append([key, value, size, None])
         self._account(size)
         if self.in_flight == 0:
             self._send_batch()
@@ -182,7 +183,11 @@ class CommandSession:
         batch: list[tuple[str, Any]] = []
         size = 0
         while self.pending and (not batch or size + self.pending[0][2] <= BATCH_BYTES):
-            key, value, n = self.pending.popleft()
+            key, value, n, logname = self.pending.popleft()
+            if key in TEXT_KEYS:
+                value = "".join(value)
+            elif key == "log":
+                value = (logname, "".join(value))
             batch.append((key, value))
             size += n
         self.pending_bytes -= size
