@@ -109,6 +109,8 @@ fi
 # ---- benchmarks, short mode --------------------------------------------------------------------
 if [[ -d "$ROOT/bench" ]]; then
     run_stage bench yes "${PYTEST[@]}" "$ROOT/bench" --benchmark-disable
+else
+    echo "NOTE: no bench/ directory in this tree; bench stage skipped"
 fi
 
 summary_and_exit

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -726,13 +727,21 @@ class RealMaster:
         """GET ``/api/v2/<path>`` and return the decoded JSON (HarnessError on HTTP error)."""
         query = "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in params.items())
         url = f"{self.api_url}/{path}" + (f"?{query}" if query else "")
-        try:
-            with urllib.request.urlopen(url, timeout=30) as resp:
-                data: dict[str, Any] = json.loads(resp.read())
-                return data
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            raise HarnessError(f"GET {url}: HTTP {e.code}: {body}") from None
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(url, timeout=30) as resp:
+                    data: dict[str, Any] = json.loads(resp.read())
+                    return data
+            except urllib.error.HTTPError as e:
+                body = e.read().decode(errors="replace")
+                raise HarnessError(f"GET {url}: HTTP {e.code}: {body}") from None
+            except (http.client.HTTPException, ConnectionError):
+                # seen once on a loaded machine: the master closed the connection mid-body
+                # (IncompleteRead); a GET is safe to repeat
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def rpc(self, path: str, method: str, **params: Any) -> Any:
         """JSON-RPC ``POST /api/v2/<path>``; returns ``result``."""
