@@ -235,6 +235,11 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
 
 def main() -> int:
     _set_process_options()
+    # Load the I/O core now (PYWORKER_IO=c fails here, loudly), then hide the choice from
+    # the commands' environment.
+    import pyworker.iocore  # noqa: F401
+
+    os.environ.pop("PYWORKER_IO", None)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C in the worker's terminal is not ours
     if os.getppid() == 1:

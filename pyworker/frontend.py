@@ -404,7 +404,11 @@ class Worker:
 
     def __init__(self, config: config_mod.WorkerConfig) -> None:
         self.config = config
-        self.pool = ExecutorPool(reactor)
+        # The I/O backend choice is ours: builds must not see it (nor the master's info).
+        io_choice = os.environ.pop("PYWORKER_IO", None)
+        self.pool = ExecutorPool(
+            reactor, extra_env={"PYWORKER_IO": io_choice} if io_choice else None
+        )
         self.bot = Bot(self)
         self.factory = BotFactory(self)
         self.service: ClientService | None = None

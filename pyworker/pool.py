@@ -119,12 +119,15 @@ class ExecutorPool:
         max_size: int = 64,
         idle_timeout: float = 60.0,
         executable: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.reactor = reactor
         self.min_idle = min_idle
         self.max_size = max_size
         self.idle_timeout = idle_timeout
         self.executable = executable
+        #: Given to executors only (e.g. ``PYWORKER_IO``), never to their commands.
+        self.extra_env = dict(extra_env or {})
         self.idle: list[Executor] = []
         self.busy: set[Executor] = set()
         self.waiting: deque[tuple[ExecutorClient, Callable[[Executor], None]]] = deque()
@@ -149,7 +152,7 @@ class ExecutorPool:
             executor,
             self.executable,
             [self.executable, "-c", _EXECUTOR_BOOT],
-            env=dict(os.environ),
+            env={**os.environ, **self.extra_env},
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self.started_count += 1
