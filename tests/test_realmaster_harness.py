@@ -210,3 +210,15 @@ def test_reconfig_and_restart_keep_the_worker(
     m.wait_worker_connected("w1", timeout=60)
     build = m.force_build("b")
     assert (build.number, build.result) == (3, "SUCCESS"), build.describe()
+
+
+def test_each_worker_implementation_runs_a_build(
+    make_master: MasterFactory, worker_executable: str
+) -> None:
+    """The same harness drives the reference worker and pyworker (``PYWORKER``)."""
+    m = make_master({"b": "[steps.ShellCommand(command=['echo', 'hello', 'a b', ''])]"})
+    w = m.start_worker(worker_executable)
+    build = m.force_build("b")
+    assert build.result == "SUCCESS", build.describe() + "\n" + w.logs()
+    assert build.step("shell").stream("stdio", "o") == "hello a b \n"
+    assert build.properties["workername"] == "w1"
