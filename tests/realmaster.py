@@ -542,7 +542,11 @@ class RealMaster:
         return f"http://127.0.0.1:{self.www_port}/api/v2"
 
     def __enter__(self) -> RealMaster:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
