@@ -5,7 +5,7 @@ The snake_case names are the msgpack protocol's spellings of the same commands.
 
 from __future__ import annotations
 
-from pyworker.commands import fs, shell
+from pyworker.commands import fs, shell, transfer
 from pyworker.commands.base import Command
 
 COMMANDS: dict[str, type[Command]] = {
@@ -17,14 +17,8 @@ COMMANDS: dict[str, type[Command]] = {
     "glob": fs.GlobPath,
     "listdir": fs.ListDir,
     "rmfile": fs.RemoveFile,
+    **transfer.COMMANDS,
 }
-
-try:  # the transfer commands live in their own module
-    from pyworker.commands import transfer
-except ImportError:  # pragma: no cover - until transfers land
-    transfer = None  # type: ignore[assignment]
-else:
-    COMMANDS.update(transfer.COMMANDS)
 
 COMMAND_VERSION = "3.3"
 

@@ -1,0 +1,436 @@
+"""File transfers: ``uploadFile``, ``uploadDirectory`` and ``downloadFile`` (PROTOCOL.md §6).
+
+The master sees the reference's messages, headers, ``rc`` rules and closing calls; what
+differs is the pace. The reference sends one block and waits for its reply before the next;
+here a bounded window of blocks is in flight at any time:
+
+* uploads send ``WRITE`` frames (each one ``writer.write`` call, answered by an ``ACK``)
+  until ``window`` bytes wait for their ACK, then wait for the oldest;
+* downloads keep several ``READ`` requests out; the front end answers them in order with
+  ``DATA`` frames (``b''`` past the end) or ``RESULT (False, text)`` when the master failed.
+
+Blocks are at most ``block_size`` bytes (512 KiB by default, well under Twisted's 640 KiB
+string limit, whatever ``blocksize`` the master configured) and never reach past ``maxsize``,
+so at most ``window`` bytes of a transfer are ever held in memory. At the first error from
+the master no new call is issued; the calls in flight are answered, then the failure is
+reported. An interrupt stops issuing at once; the closing calls are still made.
+
+Directory uploads stream the tar archive as :class:`pyworker.iocore.TarStream` produces it
+(compression here, overlapped with the network) instead of building it in a temporary file
+first. Downloads land in a temporary file next to the destination, renamed over it only when
+the transfer completed: a failed or interrupted download leaves the old file untouched.
+
+Tuning comes from the front end's ``io`` settings: ``block_size``, ``window``,
+``gzip_level``, ``bz2_level``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import stat
+import tempfile
+from collections import deque
+from typing import Any
+
+from pyworker import iocore, wire
+from pyworker.commands.base import Command
+from pyworker.executor import Channel, CommandError
+
+#: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
+BLOCK_SIZE = 512 * 1024
+MAX_BLOCK_SIZE = 600 * 1024
+#: Bytes of blocks in flight (sent, not yet answered) per transfer.
+WINDOW = 4 * 1024 * 1024
+#: Compression levels the master cannot see; chosen to keep the link to the master busy.
+GZIP_LEVEL = 1
+BZ2_LEVEL = 1
+
+
+class _Transfer(Command):
+    """What the three transfers share: argument checks, the I/O window, the final updates."""
+
+    def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
+        super().__init__(channel, request)
+        self.path: str = self.arg_str("path")
+        blocksize = self.args.get("blocksize")
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+            raise CommandError(f"argument 'blocksize' must be an integer, not {blocksize!r:.60}")
+        if blocksize <= 0:
+            raise CommandError(f"argument 'blocksize' must be positive, not {blocksize}")
+        maxsize = self.args.get("maxsize")
+        if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)):
+            raise CommandError(
+                f"argument 'maxsize' must be an integer or None, not {maxsize!r:.60}"
+            )
+        self.maxsize: int | None = maxsize
+        self.block = _io_int(self.io, "block_size", BLOCK_SIZE, 1, MAX_BLOCK_SIZE)
+        self.window = max(self.block, _io_int(self.io, "window", WINDOW, 1, 256 * 1024 * 1024))
+        self.rc = 0
+        self.stderr: str | None = None
+        self.failure: str | None = None
+        self._poll = select.poll()
+        self._poll.register(channel.rfd, select.POLLIN)
+
+    # -- control frames ------------------------------------------------------------------
+
+    def absorb_available(self) -> None:
+        """Read whatever control frames are already waiting, without blocking."""
+        while self._poll.poll(0):
+            self.channel.fill()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.channel.interrupt_reason is not None
+
+    # -- endings -------------------------------------------------------------------------
+
+    def truncated(self) -> None:
+        if self.stderr is None:
+            self.stderr = f"Maximum filesize reached, truncating file '{self.path}'"
+            self.rc = 1
+
+    def call_quietly(self, target: str, method: str, *args: Any) -> None:
+        """A closing call whose failure is only noted in the log, as the reference does."""
+        try:
+            self.channel.call(target, method, *args)
+        except CommandError:
+            pass
+
+    def report(self) -> None:
+        """``rc`` (and ``stderr``) even after an interrupt, then fail if the master did."""
+        self.channel.update([("rc", self.rc)], force=True)
+        if self.stderr:
+            self.channel.text("stderr", self.stderr, force=True)
+        if self.failure is not None:
+            raise CommandError(self.failure)
+
+
+class _Upload(_Transfer):
+    """The write window shared by file and directory uploads."""
+
+    required_args = ("path", "blocksize", "maxsize")
+
+    def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
+        super().__init__(channel, request)
+        self.in_flight = 0
+        self.frames = 0
+        self.write_error: str | None = None
+        self.remaining = self.maxsize
+
+    def next_length(self) -> int:
+        """The size of the next block, or 0 when ``maxsize`` is used up (reference quirk:
+        also when the file is exactly ``maxsize`` bytes long)."""
+        n = self.block
+        if self.remaining is not None:
+            n = min(n, self.remaining)
+        return n
+
+    def sent(self, n: int) -> None:
+        self.frames += 1
+        self.in_flight += n
+        if self.remaining is not None:
+            self.remaining -= n
+
+    def _ack(self) -> None:
+        kind, _, payload = self.channel.next_frame()
+        if kind != wire.ACK:
+            raise wire.WireError(f"unexpected frame kind {kind} while waiting for an ACK")
+        n, error = wire.load(payload)
+        self.frames -= 1
+        self.in_flight -= n
+        if error is not None and self.write_error is None:
+            self.write_error = error
+
+    def make_room(self, n: int) -> bool:
+        """Wait until ``n`` more bytes fit in the window; False if we must stop sending."""
+        self.absorb_available()
+        while self.channel.has_frame() and self.frames:
+            self._ack()
+        while self.frames and self.in_flight + n > self.window and self.write_error is None:
+            self._ack()
+        return self.write_error is None and not self.interrupted
+
+    def drain(self) -> None:
+        while self.frames:
+            self._ack()
+
+
+class UploadFile(_Upload):
+    """``uploadFile``: one file to the master's ``writer`` (PROTOCOL.md §6.1)."""
+
+    def run(self) -> None:
+        keepstamp = self.arg_bool("keepstamp", False)
+        times: tuple[float, float] | None = None
+        fd = -1
+        try:
+            if keepstamp:
+                st = os.stat(self.path)
+                times = (st.st_atime, st.st_mtime)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise IsADirectoryError(self.path)
+        except OSError:
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            self.stderr = f"Cannot open file '{self.path}' for upload"
+            self.rc = 1
+        self.channel.text("header", f"sending {self.path}\n")
+        try:
+            if fd >= 0:
+                self._send(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            self.drain()
+        if self.failure is None and self.write_error is not None:
+            self.failure = self.write_error
+        if self.failure is None:
+            try:  # a failing close or utime: the reference keeps rc as it is
+                self.channel.call("writer", "close")
+                if keepstamp and times is not None:
+                    self.channel.call("writer", "utime", times)
+            except CommandError as e:
+                self.failure = str(e)
+        else:
+            self.rc = 1
+            self.call_quietly("writer", "close")
+        self.report()
+
+    def _send(self, fd: int) -> None:
+        while not self.interrupted:
+            n = self.next_length()
+            if n <= 0:
+                self.truncated()
+                return
+            if not self.make_room(n):
+                if self.interrupted:
+                    self.rc = 1
+                return
+            try:
+                got = iocore.send_file_frames(fd, self.channel.wfd, wire.WRITE, 0, n, n)
+            except OSError as e:
+                self.failure = f"{type(e).__name__}: {e}"
+                return
+            if got == 0:
+                return  # end of file
+            self.sent(got)
+        self.rc = 1
+
+
+class UploadDirectory(_Upload):
+    """``uploadDirectory``: a tar archive of a tree, then ``writer.unpack()`` (§6.2)."""
+
+    required_args = ("path", "blocksize", "maxsize", "compress")
+
+    def run(self) -> None:
+        compress = self.args.get("compress")
+        if compress not in ("gz", "bz2"):
+            compress = None  # the reference writes a plain tar for any other value
+        if compress == "gz":
+            level = _io_int(self.io, "gzip_level", GZIP_LEVEL, 0, 9)
+        elif compress == "bz2":
+            level = _io_int(self.io, "bz2_level", BZ2_LEVEL, 1, 9)
+        else:
+            level = 0
+        try:
+            tar = iocore.TarStream(self.path, compress, level)
+        except OSError as e:
+            self.stderr = f"Cannot read directory '{self.path}' for upload: {e}"
+            self.rc = 1
+            self.report()
+            return
+        self.channel.text("header", f"sending {self.path}\n")
+        try:
+            complete = self._send(tar)
+        finally:
+            tar.close()
+            self.drain()
+        if self.failure is None and self.write_error is not None:
+            self.failure = self.write_error  # the reference keeps rc 0 here
+        if self.failure is None and complete:
+            try:
+                self.channel.call("writer", "unpack")
+            except CommandError as e:
+                self.rc = 1
+                self.failure = str(e)
+        self.report()
+
+    def _send(self, tar: Any) -> bool:
+        """Stream the archive; False if it could not be read to the end (no unpack then)."""
+        while not self.interrupted:
+            n = self.next_length()
+            if n <= 0:
+                self.truncated()
+                return True
+            if not self.make_room(n):
+                if self.interrupted:
+                    self.rc = 1
+                return True
+            try:
+                data = tar.read(n)
+            except OSError as e:
+                self.stderr = f"Cannot read directory '{self.path}' for upload: {e}"
+                self.rc = 1
+                return False
+            if not data:
+                return True
+            self.channel.write(wire.frame(wire.WRITE, data))
+            self.sent(len(data))
+        self.rc = 1
+        return True
+
+
+class DownloadFile(_Transfer):
+    """``downloadFile``: the master's ``reader`` into a file (PROTOCOL.md §6.3)."""
+
+    required_args = ("path", "blocksize", "maxsize", "mode")
+
+    def run(self) -> None:
+        mode = self.args.get("mode")
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
+            raise CommandError(f"argument 'mode' must be an integer or None, not {mode!r:.60}")
+        target = self.path
+        tmp: str | None = None
+        fd = -1
+        try:
+            try:
+                target, tmp, fd = _open_destination(self.path, mode)
+            except OSError:
+                self.stderr = f"Cannot open file '{self.path}' for download"
+                self.rc = 1
+            if fd >= 0:
+                completed = self._receive(fd)
+                os.close(fd)
+                fd = -1
+                if completed and tmp is not None:
+                    try:
+                        os.replace(tmp, target)
+                    except OSError as e:
+                        self.failure = f"{type(e).__name__}: {e}"
+                    else:
+                        tmp = None
+            self.call_quietly("reader", "close")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        self.report()
+
+    def _receive(self, fd: int) -> bool:
+        """Read the master's file into ``fd``; True if it should replace the destination."""
+        pending: deque[int] = deque()
+        asked = 0
+        received = 0
+        eof = False
+        limit_reached = False
+        while True:
+            self.absorb_available()
+            stopping = eof or self.failure is not None or self.interrupted
+            while not stopping and asked + self.block <= self.window:
+                n = self.block
+                if self.maxsize is not None:
+                    n = min(n, self.maxsize - received - asked)
+                if n <= 0:
+                    limit_reached = not pending
+                    break
+                self.channel.write(wire.value_frame(wire.READ, n))
+                pending.append(n)
+                asked += n
+            if not pending:
+                break
+            kind, _, payload = self.channel.next_frame()
+            asked -= pending.popleft()
+            if kind == wire.DATA:
+                if not payload:
+                    eof = True
+                elif not (eof or self.failure is not None or self.interrupted):
+                    try:
+                        _write_all(fd, payload)
+                    except OSError as e:
+                        self.failure = f"{type(e).__name__}: {e}"  # the reference keeps rc 0
+                    received += len(payload)
+            elif kind == wire.RESULT:
+                ok, value = wire.load(payload)
+                if not ok and self.failure is None:
+                    self.failure = str(value)
+            else:
+                raise wire.WireError(f"unexpected frame kind {kind} while waiting for DATA")
+        if self.failure is not None:
+            return False
+        if self.interrupted and not eof:
+            self.rc = 1
+            return False
+        if limit_reached and not eof:
+            self.truncated()
+        return True
+
+
+def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int]:
+    """Create the temporary file for ``path``: (final path, temporary path, open fd).
+
+    Like the reference's ``open(path, 'wb')``: parent directories are created, a symlink is
+    written through, an existing file keeps its mode unless ``mode`` is given. If no temporary
+    file can be made next to the destination (a read-only directory holding a writable file),
+    the destination itself is truncated and written, as the reference does.
+    """
+    parent = os.path.dirname(path)
+    if parent and not os.path.exists(parent):
+        os.makedirs(parent)
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(target)
+    if mode is None:
+        if st is not None:
+            mode = stat.S_IMODE(st.st_mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+    name = os.path.basename(target)[:64]
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".pyworker-tmp",
+                                   dir=os.path.dirname(target) or ".")
+    except OSError:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        tmp = None
+    try:
+        os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        if tmp is not None:
+            os.unlink(tmp)
+        raise
+    return target, tmp, fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _io_int(io: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = io.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return default
+    return value
+
+
+COMMANDS: dict[str, type[Command]] = {
+    "uploadFile": UploadFile,
+    "upload_file": UploadFile,
+    "uploadDirectory": UploadDirectory,
+    "upload_directory": UploadDirectory,
+    "downloadFile": DownloadFile,
+    "download_file": DownloadFile,
+}
