@@ -10,9 +10,12 @@ import sys
 import time
 from typing import Any
 
+import pyworker
 from pyworker import wire
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where this test process imported pyworker from (the installed package in CI): the
+#: executor must run the same code.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(pyworker.__file__)))
 
 
 class ExecutorDriver:
@@ -20,7 +23,7 @@ class ExecutorDriver:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         environ = dict(os.environ if env is None else env)
-        environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        environ["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + environ.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyworker.executor"],
             stdin=subprocess.PIPE,
