@@ -147,3 +147,29 @@ def test_daemon_start_waits_for_attached_and_stop_ends_it(
                            text=True).stdout.strip()
     assert state in ("", "Z"), f"daemon {pid} still running ({state})"  # gone, or a zombie
     master.wait_worker_disconnected("w1", timeout=15)
+
+
+def test_pyworker_runs_a_basedir_made_by_buildbot_worker(
+    make_master: MasterFactory, reference_worker: str, pyworker_executable: str,
+    tmp_path: Path,
+) -> None:
+    master = make_master({"q": QUICK})
+    basedir = tmp_path / "swapped"
+    subprocess.run(
+        [reference_worker, "create-worker", "-q", "--keepalive=30", str(basedir),
+         f"127.0.0.1:{master.pb_port}", "w1", master.password],
+        check=True, env={},
+    )
+    worker = WorkerProcess(pyworker_executable, basedir, "w1", master.password,
+                           f"127.0.0.1:{master.pb_port}", env={})
+    worker.start()  # no create-worker: the reference's tac as it is
+    try:
+        master.wait_worker_connected("w1")
+        build = master.force_build("q")
+        assert build.result == "SUCCESS", build.describe()
+        assert build.properties["builddir"] == str(basedir / "q")
+        log = worker.twistd_log.read_text()
+        assert "sending application-level keepalives every 30 seconds" in log
+        assert master.password not in log
+    finally:
+        worker.stop()
