@@ -605,7 +605,7 @@ def sc_latency(bench: Bench, worker: Worker, r: Run) -> None:
 
 
 def sc_latency_stat(bench: Bench, worker: Worker, r: Run) -> None:
-    _latency(bench, worker, r, "stat", {"file": "build", "logEnviron": False})
+    _latency(bench, worker, r, "stat", {"file": ".", "logEnviron": False})
 
 
 def sc_latency_burst(bench: Bench, worker: Worker, r: Run) -> None:
