@@ -196,51 +196,72 @@ static ssize_t splice_some(int in, int out, size_t len)
 
 /* Zero-copy path: splice the payload from the file into a private pipe
  * first (so its exact length is known), then write the header and splice
- * the private pipe into out_fd.  Returns -EINVAL before consuming anything
- * if src_fd cannot be spliced or a frame does not fit in the private pipe,
- * so the caller can fall back to read/write. */
+ * the private pipe into out_fd.  The private pipe is sized for a whole frame
+ * plus two pages (page-cache splices fill one pipe slot per page touched);
+ * should it still fill up, the rest of the frame is read() into a buffer,
+ * so frames never depend on the path taken.  Returns -EINVAL before
+ * consuming anything if src_fd cannot be spliced or the pipe cannot be made
+ * big enough, so the caller can fall back to read/write. */
 static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int64_t count,
                              int64_t frame_max)
 {
     int p[2];
     int64_t sent = 0;
-    int64_t cap;
+    int64_t cap, need;
+    long page = sysconf(_SC_PAGESIZE);
+    uint8_t *tail = NULL;
     int rc = 0;
+    if (page <= 0)
+        page = 4096;
+    need = (frame_max < count ? frame_max : count) + 2 * page;
+    if (need > SPLICE_CHUNK)
+        return -EINVAL;
     if (pipe2(p, O_CLOEXEC) < 0)
         return -errno;
     cap = fcntl(p[1], F_GETPIPE_SZ);
-    if (cap < 0) {
-        rc = -errno;
-        goto out;
+    if (cap >= 0 && cap < need) {
+        int r = fcntl(p[1], F_SETPIPE_SZ, (int)need);
+        if (r > 0)
+            cap = r;
     }
-    {
-        /* frames must not depend on the path taken: the whole frame has to
-         * fit in the private pipe, else use read/write */
-        int64_t target = frame_max < count ? frame_max : count;
-        if (cap < target && target <= SPLICE_CHUNK) {
-            int r = fcntl(p[1], F_SETPIPE_SZ, (int)target);
-            if (r > 0)
-                cap = r;
-        }
-        if (cap < target) {
-            rc = -EINVAL;
-            goto out;
-        }
+    if (cap < need) {
+        rc = -EINVAL;
+        goto out;
     }
     while (sent < count) {
         int64_t want = count - sent;
-        int64_t got = 0, moved = 0;
+        int64_t got = 0, moved = 0, tail_len = 0;
         int eof = 0;
         uint8_t hdr[FRAME_HDR];
         if (want > frame_max)
             want = frame_max;
         while (got < want) {
-            ssize_t r = splice_some(src_fd, p[1], (size_t)(want - got));
+            ssize_t r = splice(src_fd, NULL, p[1], NULL, (size_t)(want - got),
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0 && errno == EAGAIN && got > 0) {
+                /* private pipe full: read the rest of this frame */
+                if (tail == NULL && (tail = malloc((size_t)frame_max)) == NULL) {
+                    rc = -ENOMEM;
+                    goto out;
+                }
+                while (got + tail_len < want) {
+                    ssize_t n = read_some(src_fd, tail + tail_len, (size_t)(want - got - tail_len));
+                    if (n < 0) {
+                        rc = (int)n;
+                        goto out;
+                    }
+                    if (n == 0) {
+                        eof = 1;
+                        break;
+                    }
+                    tail_len += n;
+                }
+                break;
+            }
             if (r < 0) {
-                if (sent == 0 && got == 0 && r == -EINVAL)
-                    rc = -EINVAL; /* not spliceable: caller falls back */
-                else
-                    rc = (int)r;
+                rc = (sent == 0 && got == 0 && errno == EINVAL) ? -EINVAL : -errno;
                 goto out;
             }
             if (r == 0) {
@@ -249,8 +270,8 @@ static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int6
             }
             got += r;
         }
-        if (got > 0) {
-            put_frame_header(hdr, (uint32_t)got, kind, channel);
+        if (got + tail_len > 0) {
+            put_frame_header(hdr, (uint32_t)(got + tail_len), kind, channel);
             rc = write_all(out_fd, hdr, FRAME_HDR);
             if (rc < 0)
                 goto out;
@@ -262,12 +283,18 @@ static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int6
                 }
                 moved += r;
             }
-            sent += got;
+            if (tail_len > 0) {
+                rc = write_all(out_fd, tail, (size_t)tail_len);
+                if (rc < 0)
+                    goto out;
+            }
+            sent += got + tail_len;
         }
         if (eof)
             break;
     }
 out:
+    free(tail);
     close(p[0]);
     close(p[1]);
     return rc < 0 ? rc : sent;

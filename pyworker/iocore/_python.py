@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import os
+import select
 import shutil
 import stat
 import sys
@@ -58,12 +59,21 @@ def set_features(names: set[str] | frozenset[str]) -> set[str]:
     return set()
 
 
+def _read(fd: int, n: int) -> bytes:
+    """One read, waiting if ``fd`` is non-blocking and has no data yet."""
+    while True:
+        try:
+            return os.read(fd, n)
+        except BlockingIOError:
+            select.select([fd], [], [])
+
+
 def _read_exact(fd: int, n: int) -> bytes:
     """Read up to n bytes, fewer only at EOF."""
     parts: list[bytes] = []
     got = 0
     while got < n:
-        chunk = os.read(fd, n - got)
+        chunk = _read(fd, n - got)
         if not chunk:
             break
         parts.append(chunk)
@@ -72,9 +82,14 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write everything, continuing partial writes and waiting on non-blocking fds."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
         view = view[written:]
 
 
@@ -100,7 +115,7 @@ def recv_to_file(in_fd: int, dst_fd: int, count: int) -> int:
         raise ValueError("count must be >= 0")
     done = 0
     while done < count:
-        data = os.read(in_fd, min(_RW_BUF, count - done))
+        data = _read(in_fd, min(_RW_BUF, count - done))
         if not data:
             raise EOFError(f"pipe closed before {count} bytes arrived")
         _write_all(dst_fd, data)
