@@ -35,6 +35,12 @@ PYWORKER_IOCORE_SANITIZE=1 "$PY" setup.py -q build_ext --inplace >build.log 2>&1
     exit 1
 }
 
+SO=$(ls pyworker/iocore/_iocore*.so)
+if ! nm -D "$SO" | grep -q __asan_; then
+    echo "$SO is not instrumented with ASan" >&2
+    exit 1
+fi
+
 LIBASAN=$("$CC" -print-file-name=libasan.so)
 if [ ! -e "$LIBASAN" ]; then
     echo "libasan.so not found (install gcc's libasan)" >&2
