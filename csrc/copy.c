@@ -240,7 +240,16 @@ static int64_t frames_splice(int src_fd, int out_fd, int kind, int channel, int6
                                SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (r < 0 && errno == EINTR)
                 continue;
-            if (r < 0 && errno == EAGAIN && got > 0) {
+            if (r < 0 && errno == EAGAIN && got == 0) {
+                /* the private pipe is empty here: the source (a pipe) has no data yet */
+                int w = wait_fd(src_fd, POLLIN);
+                if (w < 0) {
+                    rc = w;
+                    goto out;
+                }
+                continue;
+            }
+            if (r < 0 && errno == EAGAIN) {
                 /* private pipe full: read the rest of this frame */
                 if (tail == NULL && (tail = malloc((size_t)frame_max)) == NULL) {
                     rc = -ENOMEM;
