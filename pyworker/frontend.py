@@ -450,15 +450,20 @@ class Worker:
         return clientFromString(reactor, f"{kind}:host={host}:port={cfg.port}")
 
     def start(self) -> None:
-        if self.config.protocol != config_mod.PROTOCOL_PB:
-            raise ValueError(f"protocol {self.config.protocol!r} is not supported yet")
-        self.pool.start()
+        if self.config.protocol not in config_mod.PROTOCOLS:
+            raise ValueError(f"protocol {self.config.protocol!r} is not supported")
 
         def policy(attempt: int) -> float:
             delay = self.retry_delay(attempt)
             return 3600.0 if delay is None else delay
 
-        self.service = ClientService(self.endpoint(), self.factory, retryPolicy=policy)
+        if self.config.protocol == config_mod.PROTOCOL_MSGPACK:
+            from pyworker.frontend_msgpack import msgpack_service
+
+            self.service = msgpack_service(self, policy)
+        else:
+            self.service = ClientService(self.endpoint(), self.factory, retryPolicy=policy)
+        self.pool.start()
         self.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", self._before_shutdown)
         if self.config.allow_shutdown == "signal":
