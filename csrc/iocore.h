@@ -6,7 +6,9 @@
  * no inline code).  Every function returns a value >= 0 on success and a
  * negative number on failure: -errno for system errors, or one of the
  * IOCORE_E* codes below.  The binding layer (pyworker/iocore/_c.py) turns
- * these into Python exceptions.
+ * these into Python exceptions.  All functions are reentrant (no global
+ * state except the feature mask); a single iocore_tar must not be used by
+ * two threads at once.
  */
 #ifndef PYWORKER_IOCORE_H
 #define PYWORKER_IOCORE_H

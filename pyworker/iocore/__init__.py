@@ -26,6 +26,13 @@ API (both twins):
 * ``copy_file(src_path, dst_path) -> None`` (copies the mode too)
 * ``FRAME_HEADER``: ``struct.Struct('<IBBH')``; ``FEATURES``/``features()``/
   ``set_features()``: optional syscalls compiled in / enabled.
+
+Threads: every C call releases the GIL; the functions may run in several
+threads at once, but one ``TarStream`` must be read by one thread at a time,
+and frames from concurrent ``send_file_frames`` calls on the same ``out_fd``
+would interleave.  Byte identity is with the running CPython's ``tarfile``
+(3.11.4+ rules: rounded mtime in the ustar field, float mtime as PAX record);
+the gzip header differs only in its timestamp unless ``gzip_mtime`` is given.
 """
 
 from __future__ import annotations
