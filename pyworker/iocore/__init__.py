@@ -31,7 +31,7 @@ Threads: every C call releases the GIL; the functions may run in several
 threads at once, but one ``TarStream`` must be read by one thread at a time,
 and frames from concurrent ``send_file_frames`` calls on the same ``out_fd``
 would interleave.  Byte identity is with the running CPython's ``tarfile``
-(3.11.4+ rules: rounded mtime in the ustar field, float mtime as PAX record);
+(checked against 3.11.7: rounded mtime in the ustar field, float mtime as a PAX record);
 the gzip header differs only in its timestamp unless ``gzip_mtime`` is given.
 """
 
