@@ -1089,7 +1089,8 @@ def main(argv: list[str]) -> int:
             f" {opts.runs} run(s) per scenario\n"
         )
         for w in bench.workers:
-            out.write(f"  worker {w.label}: {' '.join(w.argv[:1])}"
+            where = f"{PKG_PARENT}/pyworker" if w.argv == pyworker_argv() else w.argv[0]
+            out.write(f"  worker {w.label}: {where}"
                       + (f" (I/O backend: {w.backend})" if w.backend != "-" else "") + "\n")
         out.flush()
         port = bench.start_master([w.name for w in bench.workers])
