@@ -3,7 +3,8 @@
 Run:   .venv/bin/python -m pytest bench/bench_iocore.py --benchmark-columns=min,mean,rounds
 Quick: .venv/bin/python -m pytest bench/bench_iocore.py --benchmark-disable  (small data)
 ``extra_info['MiB']`` holds the input size, so throughput = MiB / time
-(``--benchmark-json=out.json`` keeps both).
+(``--benchmark-json=out.json`` keeps both).  On a busy machine add
+``--benchmark-timer=time.process_time`` (CPU time of the process, all threads).
 """
 
 from __future__ import annotations
