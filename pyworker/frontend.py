@@ -60,11 +60,9 @@ PB_REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
 def translate_pb_args(command: str, args: dict[str, Any], builder_dir: str) -> dict[str, Any]:
     """The command's arguments with the master's relative paths joined onto ``builder_dir``.
 
-    Raises ``ValueError`` with a readable message for missing or mistyped path arguments.
+    Raises ``ValueError`` with a readable message for mistyped path arguments (the caller
+    has checked that ``PB_REQUIRED_ARGS`` are present).
     """
-    missing = [k for k in PB_REQUIRED_ARGS.get(command, ()) if k not in args]
-    if missing:
-        raise ValueError(f"{command} is missing args: {', '.join(missing)}")
     args = dict(args)
     join = os.path.join
     xu = os.path.expanduser
@@ -164,6 +162,9 @@ class WorkerForBuilder(pb.Referenceable):
             raise UnknownCommand(f"(command {command_id}): unrecognized WorkerCommand '{command}'")
         if not isinstance(args, dict):
             raise ValueError(f"{command}: args must be a dictionary, not {type(args).__name__}")
+        missing = [k for k in PB_REQUIRED_ARGS.get(command, ()) if k not in args]
+        if missing:
+            raise ValueError(f"{command} is missing args: {', '.join(missing)}")
         refs = {k: args[k] for k in ("writer", "reader") if k in args}
         plain = {k: v for k, v in args.items() if k not in refs}
         plain = translate_pb_args(command, plain, self.path)
@@ -357,6 +358,12 @@ class BotFactory(pb.PBClientFactory):
             broker.transport.setTcpKeepAlive(1)
         except Exception:
             log.info("unable to set SO_KEEPALIVE")
+        try:
+            # Small replies (startCommand's, a lone rc) must not wait ~40 ms for the
+            # master's delayed ACK: Nagle would hold every next small update back.
+            broker.transport.setTcpNoDelay(True)
+        except Exception:
+            log.info("unable to set TCP_NODELAY")
         interval = self.worker.config.keepalive
         if interval:
             log.info("sending application-level keepalives every {n} seconds", n=interval)
