@@ -12,6 +12,7 @@ whose pipes are read and written by the reactor.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import abstract, defer, error, fdesc, main, protocol
 from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +28,9 @@ from twisted.python.failure import Failure
 from pyworker import wire
 
 log = Logger()
+
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031
 
 #: How an executor starts: import pyworker from where this front end imported it.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +48,96 @@ class ExecutorClient(Protocol):
     def executor_lost(self, reason: str) -> None: ...
 
 
+class _PipeReader(abstract.FileDescriptor):
+    """Reads an executor's event pipe in large reads (Twisted's process pipes read 8 KiB)."""
+
+    READ_SIZE = 1024 * 1024
+
+    def __init__(self, reactor: Any, fd: int, on_data: Callable[[bytes], None]) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.on_data = on_data
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:  # noqa: N802 - Twisted
+        try:
+            data = os.read(self.fd, self.READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.on_data(data)
+        return None
+
+    def drain(self) -> None:
+        """Read everything left (the writer is gone): no frame is lost to a race."""
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, self.READ_SIZE)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self.on_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted
+        super().connectionLost(reason)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.stopReading()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _PipeWriter(abstract.FileDescriptor):
+    """The front end's end of an executor's control pipe (buffered, never blocking)."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        fdesc.setNonBlocking(fd)
+        self.connected = 1
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def writeSomeData(self, data: bytes) -> Any:  # noqa: N802 - Twisted
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return main.CONNECTION_LOST
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted
+        super().connectionLost(reason)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pipe(size: int = PIPE_SIZE) -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    except OSError:
+        pass  # the default size works, only slower
+    return r, w
+
+
 class Executor(protocol.ProcessProtocol):
-    """One executor process, seen from the front end."""
+    """One executor process, seen from the front end.
+
+    Its stdin (control frames) and stdout (event frames) are pipes the front end owns and
+    reads in large chunks; Twisted only watches its stderr and its exit.
+    """
 
     def __init__(self, pool: ExecutorPool) -> None:
         self.pool = pool
@@ -56,47 +148,66 @@ class Executor(protocol.ProcessProtocol):
         self.idle_since = 0.0
         self._paused = False
         self._stderr_tail = b""
+        self.reader: _PipeReader | None = None
+        self.writer: _PipeWriter | None = None
 
     @property
     def pid(self) -> int | None:
         return self.transport.pid if self.transport is not None else None  # type: ignore[attr-defined]
 
+    def attach_pipes(self, reactor: Any, control_fd: int, events_fd: int) -> None:
+        self.writer = _PipeWriter(reactor, control_fd)
+        self.reader = _PipeReader(reactor, events_fd, self._events_received)
+        self.reader.startReading()
+
     def send(self, data: bytes) -> None:
-        if self.alive and self.transport is not None:
-            self.transport.write(data)
+        if self.alive and self.writer is not None and self.writer.fd >= 0:
+            self.writer.write(data)
+
+    def close_control(self) -> None:
+        """Close the executor's stdin: it finishes (killing any command) and exits."""
+        if self.writer is not None and self.writer.fd >= 0:
+            self.writer.loseConnection()
 
     def pause(self) -> None:
         """Stop reading this executor's output: its writes block, and so does its command."""
-        if not self._paused and self.alive:
+        if not self._paused and self.alive and self.reader is not None:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.reader.stopReading()
 
     def resume(self) -> None:
-        if self._paused and self.alive:
+        if self._paused and self.alive and self.reader is not None:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            if self.reader.fd >= 0:
+                self.reader.startReading()
+
+    def _events_received(self, data: bytes) -> None:
+        try:
+            for kind, channel, payload in self.decoder.feed(data):
+                if self.client is not None:
+                    self.client.executor_frame(kind, channel, payload)
+                elif kind != wire.COMPLETE:
+                    log.warn("executor {pid} sent frame {kind} with no command", pid=self.pid,
+                             kind=kind)
+        except wire.WireError as e:
+            log.error("executor {pid} broke the wire protocol: {e}", pid=self.pid, e=e)
+            self.kill()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802 - Twisted
-        if childFD == 1:
-            try:
-                for kind, channel, payload in self.decoder.feed(data):
-                    if self.client is not None:
-                        self.client.executor_frame(kind, channel, payload)
-                    elif kind != wire.COMPLETE:
-                        log.warn("executor {pid} sent frame {kind} with no command", pid=self.pid,
-                                 kind=kind)
-            except wire.WireError as e:
-                log.error("executor {pid} broke the wire protocol: {e}", pid=self.pid, e=e)
-                self.kill()
-        else:
-            # Executors only write to stderr when something is badly wrong: log it whole.
-            text = (self._stderr_tail + data).decode("utf-8", "replace")
-            lines = text.split("\n")
-            self._stderr_tail = lines.pop().encode()
-            for line in lines:
-                log.info("executor {pid}: {line}", pid=self.pid, line=line)
+        # Only stderr is Twisted's: executors write there when something is badly wrong.
+        text = (self._stderr_tail + data).decode("utf-8", "replace")
+        lines = text.split("\n")
+        self._stderr_tail = lines.pop().encode()
+        for line in lines:
+            log.info("executor {pid}: {line}", pid=self.pid, line=line)
 
     def processEnded(self, reason: Failure) -> None:  # noqa: N802 - Twisted
+        if self.reader is not None:
+            self._paused = False
+            self.reader.drain()  # frames written just before the exit (COMPLETE, ...)
+            self.reader.close()
+        if self.writer is not None and self.writer.fd >= 0:
+            self.writer.connectionLost(Failure(error.ConnectionDone()))
         self.alive = False
         self.pool.executor_ended(self, reason)
 
@@ -148,13 +259,23 @@ class ExecutorPool:
 
     def _spawn(self) -> Executor:
         executor = Executor(self)
-        self.reactor.spawnProcess(
-            executor,
-            self.executable,
-            [self.executable, "-c", _EXECUTOR_BOOT],
-            env={**os.environ, **self.extra_env},
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
+        control_r, control_w = _pipe()
+        events_r, events_w = _pipe()
+        try:
+            self.reactor.spawnProcess(
+                executor,
+                self.executable,
+                [self.executable, "-c", _EXECUTOR_BOOT],
+                env={**os.environ, **self.extra_env},
+                childFDs={0: control_r, 1: events_w, 2: "r"},
+            )
+        except BaseException:
+            for fd in (control_r, control_w, events_r, events_w):
+                os.close(fd)
+            raise
+        os.close(control_r)
+        os.close(events_w)
+        executor.attach_pipes(self.reactor, control_w, events_r)
         self.started_count += 1
         executor.started_at = executor.idle_since = self.reactor.seconds()
         return executor
@@ -215,7 +336,7 @@ class ExecutorPool:
         if not executor.alive:
             return
         if self.stopping:
-            executor.transport.closeStdin()  # type: ignore[union-attr]
+            executor.close_control()
             return
         if self.waiting:
             client, start = self.waiting.popleft()
@@ -237,7 +358,7 @@ class ExecutorPool:
             if i < self.min_idle or now - executor.idle_since < self.idle_timeout:
                 keep.append(executor)
             else:
-                executor.transport.closeStdin()  # type: ignore[union-attr]
+                executor.close_control()
         self.idle = keep
         if len(self.idle) > self.min_idle:
             self._schedule_shrink()
@@ -288,7 +409,7 @@ class ExecutorPool:
         self._all_ended.append(d)
         for executor in list(self.idle) + list(self.busy):
             try:
-                executor.transport.closeStdin()  # type: ignore[union-attr]
+                executor.close_control()
                 executor.transport.signalProcess("TERM")  # type: ignore[union-attr]
             except (error.ProcessExitedAlready, AttributeError):
                 pass

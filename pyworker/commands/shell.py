@@ -395,6 +395,8 @@ class ProcessRunner:
                             if e.errno != errno.EIO:  # EIO: the PTY's last writer closed
                                 raise
                             data = b""
+                        if data and self.use_pty:
+                            data = _read_more(fd, data)
                         if not data:
                             poller.unregister(fd)
                             del open_fds[fd]
@@ -550,6 +552,22 @@ class ProcessRunner:
         if self.killed:
             kill_descendants()
         reap_children()
+
+
+def _read_more(fd: int, data: bytes) -> bytes:
+    """A PTY hands out 4 KiB per read: gather what is ready, so frames stay large."""
+    parts = [data]
+    size = len(data)
+    while size < READ_SIZE:
+        try:
+            more = os.read(fd, READ_SIZE - size)
+        except OSError:  # EAGAIN: nothing more now; EIO: the next poll will see the end
+            break
+        if not more:
+            break
+        parts.append(more)
+        size += len(more)
+    return b"".join(parts) if len(parts) > 1 else data
 
 
 def _take_controlling_tty() -> None:
