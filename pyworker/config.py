@@ -37,6 +37,15 @@ class WorkerConfig:
     delete_leftover_dirs: bool = False
     proxy_connection_string: str | None = None
     protocol: str = PROTOCOL_PB
+    # -- pyworker's own settings (tac variables the reference does not know) --------------
+    #: Refuse any command path outside ``basedir`` (for masters that are not fully trusted).
+    restrict_paths: bool = False
+    #: Serve ``/healthz`` and Prometheus ``/metrics`` on 127.0.0.1 at this port.
+    metrics_port: int | None = None
+    #: ``'text'`` (twistd's line format) or ``'json'`` (one JSON object per line).
+    log_format: str = "text"
+    #: Add each command's CPU seconds and peak RSS as a last header line of its log.
+    report_resources: bool = False
     #: twistd.log rotation; ``log_rotate`` is False when the tac has no rotating log block.
     log_rotate: bool = True
     rotate_length: int = 10_000_000
