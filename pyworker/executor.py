@@ -17,6 +17,7 @@ import ctypes
 import errno
 import marshal
 import os
+import resource
 import signal
 import sys
 import time
@@ -57,6 +58,8 @@ class Channel:
         self.on_interrupt: Any = None
         #: After an interrupt, status updates are suppressed except the shell runner's.
         self.running = True
+        #: Largest RSS (bytes) seen of the current command's process tree, if measured.
+        self.peak_rss = 0
 
     # -- writing -------------------------------------------------------------------------
 
@@ -216,6 +219,8 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
 
     name = request["name"]
     started = time.time()
+    usage_before = _cpu_times()
+    channel.peak_rss = 0
     failure: str | None = None
     try:
         command_class = registry.COMMANDS.get(name)
@@ -229,8 +234,32 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
         failure = str(e)
     except Exception as e:  # a bug or bad input: the master gets a failed step, we go on
         failure = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    user, system = (after - before for after, before in zip(_cpu_times(), usage_before,
+                                                             strict=True))
+    usage = {"name": name, "cpu_user": user, "cpu_system": system,
+             "peak_rss": channel.peak_rss}
+    if request.get("io", {}).get("report_resources"):
+        channel.text("header", describe_usage(usage) + "\n", force=True)
     channel.update([("elapsed", time.time() - started)])
+    channel.write(wire.value_frame(wire.USAGE, usage))
     channel.finish(failure)
+
+
+def _cpu_times() -> tuple[float, float]:
+    """User and system CPU seconds of this executor plus every child it has waited for."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
+
+
+def describe_usage(usage: dict[str, Any]) -> str:
+    """One line for a command's resource use (the worker log, ``report_resources``)."""
+    cpu = usage["cpu_user"] + usage["cpu_system"]
+    text = (f" resources: {cpu:.2f} CPU seconds (user {usage['cpu_user']:.2f}, "
+            f"system {usage['cpu_system']:.2f})")
+    if usage.get("peak_rss"):
+        text += f", peak RSS {usage['peak_rss'] / 2**20:.1f} MiB"
+    return text
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pyworker import config as config_mod
+from pyworker import metrics
 from pyworker.commands.registry import COMMAND_VERSION, REFERENCE_COMMANDS
 from pyworker.pool import ExecutorPool
 from pyworker.session import CommandSession
@@ -99,6 +100,30 @@ def translate_pb_args(command: str, args: dict[str, Any], builder_dir: str) -> d
     return args
 
 
+#: The translated arguments that name paths on the worker.
+PATH_ARGS = ("path", "paths", "from_path", "to_path", "workdir")
+
+
+def check_paths_inside(command: str, args: dict[str, Any], basedir: str) -> None:
+    """``restrict_paths``: refuse (ValueError) any path argument outside ``basedir``.
+
+    Paths are resolved (symlinks included) before the check, so a link inside the basedir
+    that points outside is refused too.
+    """
+    root = os.path.realpath(basedir)
+    for key in PATH_ARGS:
+        value = args.get(key)
+        for path in value if isinstance(value, list) else [value]:
+            if not isinstance(path, str):
+                continue
+            real = os.path.realpath(os.path.join(basedir, path))
+            if real != root and not real.startswith(root + os.sep):
+                raise ValueError(
+                    f"{command}: path {path!r} is outside the worker's basedir {basedir!r} "
+                    f"(refused: the worker runs with restrict_paths)"
+                )
+
+
 # -- the master side of one command, over PB ----------------------------------------------
 
 
@@ -168,6 +193,8 @@ class WorkerForBuilder(pb.Referenceable):
         refs = {k: args[k] for k in ("writer", "reader") if k in args}
         plain = {k: v for k, v in args.items() if k not in refs}
         plain = translate_pb_args(command, plain, self.path)
+        if self.bot.worker.config.restrict_paths:
+            check_paths_inside(command, plain, self.bot.basedir)
         request = {
             "name": command,
             "args": plain,
@@ -226,7 +253,7 @@ class Bot(pb.Referenceable):
         self.basedir = worker.config.basedir
         self.pool = worker.pool
         self.builders: dict[str, WorkerForBuilder] = {}
-        self.io_settings: dict[str, Any] = {}
+        self.io_settings: dict[str, Any] = {"report_resources": worker.config.report_resources}
 
     def remote_print(self, message: str) -> None:
         log.info("message from master: {message}", message=message)
@@ -353,7 +380,11 @@ class BotFactory(pb.PBClientFactory):
     def _got_perspective(self, perspective: Any, broker: pb.Broker) -> None:
         log.info("Connected to buildmaster; worker is ready")
         self.perspective = perspective
+        if self.worker.connected_since is not None:
+            metrics.STATS.reconnects += 1
         self.worker.connected_since = reactor.seconds()
+        metrics.STATS.connected = True
+        metrics.STATS.connected_since = self.worker.connected_since
         try:
             broker.transport.setTcpKeepAlive(1)
         except Exception:
@@ -381,6 +412,10 @@ class BotFactory(pb.PBClientFactory):
     def _lost_perspective(self, _: Any) -> None:
         log.info("lost connection to the master")
         self.perspective = None
+        metrics.STATS.connected = False
+        if self.worker.draining:
+            log.info("lost the master while draining: stopping now")
+            self.worker.stop()
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
         self._keepalive = None
@@ -421,7 +456,9 @@ class Worker:
         self.service: ClientService | None = None
         self.exit_code = 0
         self.stopping = False
+        self.draining = False
         self.shutdown_requested = False
+        metrics.STATS.pool = self.pool
         self.connected_since: float | None = None
         self._shutdown_mtime = 0.0
         self._shutdown_loop: task.LoopingCall | None = None
@@ -473,6 +510,11 @@ class Worker:
         self.pool.start()
         self.service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", self._before_shutdown)
+        reactor.callWhenRunning(self._install_signal_handlers)
+        if self.config.metrics_port:
+            metrics.listen(reactor, self.config.metrics_port)
+            log.info("serving /healthz and /metrics on 127.0.0.1:{port}",
+                     port=self.config.metrics_port)
         if self.config.allow_shutdown == "signal":
             log.info("Setting up SIGHUP handler to initiate shutdown")
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.graceful_shutdown))
@@ -501,6 +543,31 @@ class Worker:
         d.addErrback(lambda f: log.info('callRemote("shutdown") failed: {f}',
                                         f=f.getErrorMessage()))
         return d
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM drains (running builds finish, no new ones start); a second SIGTERM,
+        SIGQUIT or SIGINT stops at once. Replaces the handlers the reactor installed."""
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(self._on_sigterm))
+        signal.signal(signal.SIGQUIT, lambda *_: reactor.callFromThread(self._stop_now, "SIGQUIT"))
+        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(self._stop_now, "SIGINT"))
+
+    def _stop_now(self, why: str) -> None:
+        log.info("received {why}: stopping now", why=why)
+        self.stop()
+
+    def _on_sigterm(self) -> None:
+        if self.draining:
+            self._stop_now("a second SIGTERM")
+            return
+        connected = self.factory.perspective is not None
+        if self.config.protocol != config_mod.PROTOCOL_PB or not connected:
+            # msgpack masters cannot be asked to drain a worker (PROTOCOL.md appendix A)
+            self._stop_now("SIGTERM")
+            return
+        log.info("received SIGTERM: draining (no new builds; running builds finish; "
+                 "SIGQUIT or a second SIGTERM stops at once)")
+        self.draining = True
+        self.graceful_shutdown()
 
     def stop(self, exit_code: int | None = None) -> None:
         if exit_code is not None:

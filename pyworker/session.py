@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyworker import wire
+from pyworker.metrics import STATS
 from pyworker.pool import Executor, ExecutorPool
 
 log = Logger()
@@ -77,6 +78,7 @@ class CommandSession:
     def start(self) -> None:
         payload = marshal.dumps(self.request)  # ValueError for values we cannot carry
         self.pool.acquire(self, lambda ex: self._started(ex, payload))
+        STATS.command_started(self.name)
 
     def _started(self, executor: Executor, payload: bytes) -> None:
         self.executor = executor
@@ -126,6 +128,11 @@ class CommandSession:
                 self._queue("log", (logname, text), len(text))
         elif kind == wire.COMPLETE:
             self._finish(wire.load(payload))
+        elif kind == wire.USAGE:
+            from pyworker.executor import describe_usage
+
+            log.info("(command {id}): {name}{usage}", id=self.command_id, name=self.name,
+                     usage=describe_usage(wire.load(payload)))
         elif kind == wire.CALL:
             target, method, args = wire.load(payload)
             self._relay_call(target, method, tuple(args))
@@ -152,6 +159,8 @@ class CommandSession:
         Text entries hold a list of parts, joined once when sent (no quadratic appends).
         """
         pending = self.pending
+        if key in TEXT_KEYS or key == "log":
+            STATS.bytes[key] += size
         if pending and (key in TEXT_KEYS or key == "log"):
             last = pending[-1]
             if last[0] == key and last[2] + size <= BATCH_BYTES and (
@@ -214,6 +223,7 @@ class CommandSession:
         if self.done:
             return
         self.done = True
+        STATS.command_finished(failed=failure is not None)
         executor, self.executor = self.executor, None
         if executor is not None:
             self.pool.release(executor)
@@ -253,8 +263,12 @@ class CommandSession:
                 self._writes_failed = _failure_text(f)
             self._answer(wire.ACK, (n, self._writes_failed))
 
+        def written(_: Any) -> None:
+            STATS.bytes["upload"] += n
+            self._answer(wire.ACK, (n, None))
+
         d = self.master.call("writer", "write", (data,))
-        d.addCallbacks(lambda _: self._answer(wire.ACK, (n, None)), failed)
+        d.addCallbacks(written, failed)
 
     def _relay_read(self, length: int) -> None:
         if self.silenced:
@@ -266,6 +280,7 @@ class CommandSession:
                 return
             if isinstance(data, str):
                 data = data.encode("utf-8")
+            STATS.bytes["download"] += len(data or b"")
             self.executor.send(wire.frame(wire.DATA, data or b""))
 
         d = self.master.call("reader", "read", (length,))

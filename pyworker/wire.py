@@ -26,6 +26,8 @@ Executor -> front end
     ``WRITE``      raw bytes: pass to the master's ``writer.write``; answered with ``ACK``.
     ``READ``       marshal ``int``: issue ``reader.read(n)``; answered with ``DATA`` (``b''``
                    at EOF) in order, or ``RESULT (False, text)`` if the master failed.
+    ``USAGE``      marshal ``dict``: the command's resource use (``cpu_user``,
+                   ``cpu_system`` seconds, ``peak_rss`` bytes), just before ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ COMPLETE: Final = 19
 CALL: Final = 20
 WRITE: Final = 21
 READ: Final = 22
+USAGE: Final = 23
 
 #: Text streams carried by ``TEXT`` frames, by channel number.
 TEXT_CHANNELS: Final = ("header", "stdout", "stderr")

@@ -38,8 +38,12 @@ class ExecutorDriver:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
-    def start(self, name: str, args: dict[str, Any], basedir: str = "/tmp") -> None:
-        request = {"name": name, "args": args, "command_id": "1", "basedir": basedir, "io": {}}
+    def start(
+        self, name: str, args: dict[str, Any], basedir: str = "/tmp",
+        io: dict[str, Any] | None = None,
+    ) -> None:
+        request = {"name": name, "args": args, "command_id": "1", "basedir": basedir,
+                   "io": io or {}}
         self.send(wire.frame(wire.START, marshal.dumps(request)))
 
     def interrupt(self, why: str = "test") -> None:
@@ -87,6 +91,7 @@ class Result:
     def __init__(self, frames: list[tuple[int, int, bytes]]) -> None:
         self.updates: list[tuple[str, Any]] = []
         self.failure: str | None = None
+        self.usage: dict[str, Any] = {}
         for kind, channel, payload in frames:
             if kind == wire.TEXT:
                 self.updates.append((wire.TEXT_CHANNELS[channel], payload.decode()))
@@ -96,6 +101,8 @@ class Result:
                 self.updates.append(("log", marshal.loads(payload)))
             elif kind == wire.COMPLETE:
                 self.failure = marshal.loads(payload)
+            elif kind == wire.USAGE:
+                self.usage = marshal.loads(payload)
 
     def text(self, key: str) -> str:
         return "".join(v for k, v in self.updates if k == key)

@@ -274,3 +274,17 @@ def test_executor_exits_and_kills_its_command_when_the_front_end_goes(tmp_path: 
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("process handling is tested on Linux")
+
+
+def test_resource_usage_is_measured_and_reported(ex: ExecutorDriver, tmp_path: Path) -> None:
+    script = "x = bytearray(120 * 2**20); sum(range(3 * 10**6)); import time; time.sleep(0.8)"
+    r = ex.run("shell", {"workdir": str(tmp_path), "command": [sys.executable, "-c", script],
+                         "logEnviron": False}, io={"report_resources": True})
+    assert r.rc == 0
+    assert r.usage["peak_rss"] >= 120 * 2**20
+    assert r.usage["cpu_user"] + r.usage["cpu_system"] > 0.05
+    last = r.text("header").splitlines()[-1]
+    assert last.startswith(" resources: ") and "CPU seconds" in last and "peak RSS" in last
+    # not asked for: no header line, still measured
+    r = shell(ex, tmp_path, ["true"], logEnviron=False)
+    assert "resources:" not in r.text("header") and "cpu_user" in r.usage

@@ -34,6 +34,7 @@ F_SETPIPE_SZ = 1031
 BACKUP_TIMEOUT = 5.0
 LOGFILE_POLL_INTERVAL = 2.0
 LOGFILE_READ_SIZE = 10_000
+RSS_SAMPLE_INTERVAL = 0.5
 _ENV_SUBST = re.compile(r"\${([0-9a-zA-Z_]*)}")
 
 
@@ -336,6 +337,7 @@ class ProcessRunner:
         io_deadline = now + self.timeout if self.timeout else None
         max_deadline = now + self.max_time if self.max_time else None
         poll_deadline = now + LOGFILE_POLL_INTERVAL if self.watchers else None
+        sample_deadline = now + RSS_SAMPLE_INTERVAL
         self._sigterm_deadline: float | None = None
         self._backup_deadline: float | None = None
         exited = False
@@ -377,7 +379,7 @@ class ProcessRunner:
                 deadlines = [
                     d
                     for d in (io_deadline, max_deadline, poll_deadline, self._sigterm_deadline,
-                              self._backup_deadline)
+                              self._backup_deadline, sample_deadline)
                     if d is not None
                 ]
                 wait_ms = None
@@ -450,6 +452,9 @@ class ProcessRunner:
                 if max_deadline is not None and now >= max_deadline:
                     channel.update([("failure_reason", "timeout")], force=True)
                     kill(f"command timed out: {self.max_time} seconds elapsed running {self.fake}")
+                if now >= sample_deadline:
+                    self._sample_rss()
+                    sample_deadline = now + RSS_SAMPLE_INTERVAL
                 if poll_deadline is not None and now >= poll_deadline:
                     self._poll_logfiles()
                     poll_deadline = now + LOGFILE_POLL_INTERVAL
@@ -481,6 +486,15 @@ class ProcessRunner:
             if proc.stdin is not None and not proc.stdin.closed:
                 proc.stdin.close()
 
+        if proc.returncode is None:
+            # Reap it ourselves: wait4 also gives its peak RSS (and its waited-for children's).
+            try:
+                _, status, rusage = os.wait4(proc.pid, 0)
+            except ChildProcessError:
+                pass
+            else:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                channel.peak_rss = max(channel.peak_rss, rusage.ru_maxrss * 1024)
         rc = proc.wait()
         elapsed = time.time() - started
         self._poll_logfiles()
@@ -497,6 +511,24 @@ class ProcessRunner:
         return rc
 
     _logfile_activity = False
+
+    def _sample_rss(self) -> None:
+        """Add up the RSS of the command's process tree (for the resource report)."""
+        import psutil
+
+        assert self.proc is not None
+        try:
+            top = psutil.Process(self.proc.pid)
+            procs = [top, *top.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.channel.peak_rss = max(self.channel.peak_rss, total)
 
     def _poll_logfiles(self) -> None:
         self._logfile_activity = False
