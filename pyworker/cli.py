@@ -8,10 +8,13 @@ the same messages with the same exit codes; ``bench`` runs ``pyworker.bench``.
 
 from __future__ import annotations
 
+import grp
 import importlib
 import io
 import os
+import pwd
 import re
+import stat
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ from typing import Any, NoReturn
 from twisted.python import usage
 
 from pyworker.config import REFERENCE_VERSION
-from pyworker.tac import CreateWorkerError, TacOptions, make_tac, write_tac
+from pyworker.tac import LOG_FORMATS, CreateWorkerError, TacOptions, make_tac, write_tac
 
 PROG = "pyworker"
 _NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
@@ -60,24 +63,100 @@ class StartOptions(MakerBase):
         return f"Usage:    {PROG} start [<basedir>]"
 
 
+_STOP_LONGDESC = """
+    Stopping: by default the worker stops immediately (it is sent SIGQUIT): running
+    commands are interrupted and their builds fail or are retried by the master; stop
+    waits up to 10 seconds for the process to go away, as buildbot-worker does.
+
+    With --graceful the worker is sent SIGTERM and drains: it asks the master for a
+    worker-initiated shutdown, takes no new builds, lets the running ones finish and
+    then exits (at once if it is idle or not connected). stop waits until the process
+    is gone, printing a line every 30 seconds while it drains; --timeout N gives up
+    waiting after N seconds (exit 1, the worker keeps draining). A second SIGTERM (or
+    a plain `stop`) during a drain stops the worker immediately.
+
+    Signals: SIGTERM = graceful drain (first one), SIGQUIT or a second SIGTERM =
+    immediate stop. Operates upon the specified <basedir> (or the current directory,
+    if not specified).
+    """
+
+
+def _timeout_or_none(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        timeout = float(value)
+    except ValueError as exc:
+        raise usage.UsageError("timeout parameter needs to be a number of seconds") from exc
+    if not timeout > 0:
+        raise usage.UsageError("timeout parameter needs to be a positive number of seconds")
+    return timeout
+
+
 class StopOptions(MakerBase):
+    optFlags = [
+        ["quiet", "q", "Do not emit the commands being run"],
+        [
+            "graceful",
+            None,
+            "Let running builds finish and take no new ones, then exit (SIGTERM); "
+            "wait until the worker is gone",
+        ],
+    ]
+    optParameters = [
+        [
+            "timeout",
+            None,
+            None,
+            "With --graceful: give up waiting after this many seconds (default: no limit)",
+        ],
+    ]
+    longdesc = textwrap.dedent(_STOP_LONGDESC)
+
     def getSynopsis(self) -> str:
-        return f"Usage:    {PROG} stop [<basedir>]"
+        return f"Usage:    {PROG} stop [--graceful [--timeout N]] [<basedir>]"
+
+    def postOptions(self) -> None:
+        MakerBase.postOptions(self)
+        self["timeout"] = _timeout_or_none(self["timeout"])
 
 
 class RestartOptions(MakerBase):
     optFlags = [
         ["quiet", "q", "Don't display startup log messages"],
         ["nodaemon", None, "Don't daemonize (stay in foreground)"],
+        [
+            "graceful",
+            None,
+            "Stop the old worker gracefully: let its running builds finish first (SIGTERM)",
+        ],
     ]
+    optParameters = [
+        [
+            "timeout",
+            None,
+            None,
+            "With --graceful: give up (and do not start) after this many seconds",
+        ],
+    ]
+    longdesc = textwrap.dedent(_STOP_LONGDESC)
 
     def getSynopsis(self) -> str:
-        return f"Usage:    {PROG} restart [<basedir>]"
+        return f"Usage:    {PROG} restart [--graceful [--timeout N]] [<basedir>]"
+
+    def postOptions(self) -> None:
+        MakerBase.postOptions(self)
+        self["timeout"] = _timeout_or_none(self["timeout"])
 
 
 class CreateWorkerOptions(MakerBase):
     optFlags = [
-        ["force", "f", "Re-use an existing directory"],
+        [
+            "force",
+            "f",
+            "Re-use an existing directory; also accept a basedir (or the directory it is "
+            "created in) that other users can write to or that another user owns",
+        ],
         ["relocatable", "r", "Create a relocatable buildbot.tac"],
         ["no-logrotate", "n", "Do not permit buildmaster rotate logs by itself"],
         ["use-tls", None, "Uses TLS to connect to master"],
@@ -85,6 +164,18 @@ class CreateWorkerOptions(MakerBase):
             "delete-leftover-dirs",
             None,
             "Delete folders that are not required by the master on connection",
+        ],
+        [
+            "restrict-paths",
+            None,
+            "pyworker: refuse any command path outside the worker's basedir (for masters "
+            "that are not fully trusted); tac: restrict_paths = 1",
+        ],
+        [
+            "report-resources",
+            None,
+            "pyworker: add each command's CPU seconds and peak RSS as a last header line "
+            "of its step log; tac: report_resources = 1",
         ],
     ]
     optParameters = [
@@ -119,6 +210,20 @@ class CreateWorkerOptions(MakerBase):
             "Twisted endpoint connection string (this will override master host[:port])",
         ],
         ["proxy-connection-string", None, None, "Address of HTTP proxy to tunnel through"],
+        [
+            "metrics-port",
+            None,
+            None,
+            "pyworker: serve /healthz and Prometheus /metrics over HTTP on 127.0.0.1 at this "
+            "port (default: off); tac: metrics_port",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "pyworker: twistd.log format, 'text' (twistd's lines) or 'json' (one JSON "
+            "object per line: time, level, namespace/system, message, failure); tac: log_format",
+        ],
     ]
     longdesc = textwrap.dedent(
         """
@@ -186,6 +291,15 @@ class CreateWorkerOptions(MakerBase):
                 raise usage.UsageError(f"{argument} parameter needs to be a number or None")
         if self["allow-shutdown"] not in (None, "signal", "file"):
             raise usage.UsageError("allow-shutdown needs to be one of 'signal' or 'file'")
+        if self["metrics-port"] is not None:
+            try:
+                self["metrics-port"] = int(self["metrics-port"])
+            except ValueError as exc:
+                raise usage.UsageError("metrics-port parameter needs to be a number") from exc
+            if not 1 <= self["metrics-port"] <= 65535:
+                raise usage.UsageError("metrics-port parameter needs to be a port (1-65535)")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError("log-format needs to be one of 'text' or 'json'")
 
 
 class BenchOptions(usage.Options):  # type: ignore[misc]
@@ -248,6 +362,71 @@ def version_text() -> str:
 
 # ---------------------------------------------------------------------------------------
 # create-worker
+
+
+def _private_group(gid: int) -> bool:
+    """True if ``gid`` is the caller's own user-private group (umask 002 systems).
+
+    That is: it is our primary group, and no other account has it as primary group or
+    is listed as a member, so group write access gives nobody else a way in.
+    """
+    if gid != os.getegid():
+        return False
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        members = set(grp.getgrgid(gid).gr_mem)
+        others = {p.pw_name for p in pwd.getpwall() if p.pw_gid == gid}
+    except (KeyError, OSError):
+        return False
+    return members | others <= {me}
+
+
+def unsafe_basedir(basedir: str) -> str | None:
+    """Why ``basedir`` is not a safe place for a worker (its tac holds the password), or None.
+
+    The directory checked is ``basedir`` if it exists, else the directory it would be
+    created in. Unsafe: writable by group or others without the sticky bit (group write
+    access is fine for the caller's own private group), or owned by someone other than
+    the caller or root. Either way another account could replace ``buildbot.tac`` (and
+    so run its own code as this worker) or read what the worker writes.
+    """
+    path = os.path.abspath(basedir)
+    existing = os.path.exists(path)
+    checked = path if existing else os.path.dirname(path)
+    what = (
+        f"the worker directory {checked}"
+        if existing
+        else (f"{checked}, the directory {path} would be created in")
+    )
+    try:
+        st = os.stat(checked)
+    except OSError:
+        return None  # it cannot be created either; the usual error follows
+    mode = stat.S_IMODE(st.st_mode)
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        return (
+            f"refusing to create a worker: {what} is owned by {owner}, not by the user "
+            f"running create-worker (uid {euid}), who could change or read the worker's "
+            "files including the password in buildbot.tac.\n"
+            f"Fix: use a directory you own (or `chown` it), or pass --force to accept it."
+        )
+    writable = mode & (stat.S_IWOTH | stat.S_IWGRP)
+    if mode & stat.S_IWGRP and not mode & stat.S_IWOTH and _private_group(st.st_gid):
+        writable = 0
+    if writable and not mode & stat.S_ISVTX:
+        who = "others" if mode & stat.S_IWOTH else "its group"
+        return (
+            f"refusing to create a worker: {what} is writable by {who} "
+            f"(mode {mode:04o}), so another user could replace buildbot.tac or the "
+            "worker's files.\n"
+            f"Fix: `chmod go-w {checked}`, or pass --force to accept it."
+        )
+    return None
 
 
 def _make_basedir(basedir: str, quiet: bool) -> None:
@@ -320,8 +499,17 @@ def create_worker(config: dict[str, Any]) -> int:
         protocol=config["protocol"],
         connection_string=config["connection-string"],
         proxy_connection_string=config["proxy-connection-string"],
+        restrict_paths=bool(config["restrict-paths"]),
+        metrics_port=config["metrics-port"],
+        log_format=config["log-format"],
+        report_resources=bool(config["report-resources"]),
     )
     contents = make_tac(opts)
+    if not config["force"]:
+        problem = unsafe_basedir(basedir)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 1
     try:
         _make_basedir(basedir, quiet)
         write_tac(basedir, contents, quiet, sys.stdout)
@@ -413,9 +601,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.subCommand == "start":
             return daemon.start(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))
         if config.subCommand == "stop":
+            if sub["graceful"]:
+                return daemon.stop_graceful(sub["basedir"], bool(sub["quiet"]), sub["timeout"])
             return daemon.stop(sub["basedir"], bool(sub["quiet"]))
         if config.subCommand == "restart":
-            return daemon.restart(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))
+            return daemon.restart(
+                sub["basedir"],
+                bool(sub["quiet"]),
+                bool(sub["nodaemon"]),
+                graceful=bool(sub["graceful"]),
+                timeout=sub["timeout"],
+            )
         return run_bench([])
     except SystemExit as exc:
         return _exit_code(exc)

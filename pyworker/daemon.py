@@ -5,19 +5,29 @@ and rotation as twistd), ``twistd.hostname`` and, when daemonising, ``twistd.pid
 hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.run_worker`` and
 exits with its return value. Files, messages and exit codes follow
 ``buildbot-worker`` 4.3.0 (``scripts/start.py``, ``stop.py``, ``restart.py``, twistd).
+
+Differences, all opt-in or forced by the front end's signal semantics (SIGTERM = graceful
+drain, SIGQUIT or a second SIGTERM = immediate stop): ``stop`` sends SIGQUIT (the
+reference's immediate stop, same messages and 10 s wait); ``stop --graceful`` sends SIGTERM
+and waits for the drain without a time limit (``--timeout``); ``log_format = 'json'`` in the
+tac writes one JSON object per line to ``twistd.log`` instead of twistd's text lines.
 """
 
 from __future__ import annotations
 
+import datetime
 import errno
+import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.logger import ILogObserver
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 from pyworker.config import REFERENCE_VERSION, WorkerConfig
 from pyworker.tac import TacError, check_worker_dir, load_tac
@@ -29,6 +39,11 @@ HOSTNAME_FILE = "twistd.hostname"
 ATTACHED = b"message from master: attached"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+#: ``stop`` (and ``restart``) stop the worker at once with this signal; the front end
+#: treats SIGTERM as a graceful drain (see ``stop --help``).
+IMMEDIATE_SIGNAL = "QUIT"
+#: ``stop --graceful`` prints a "still draining" line this often (seconds).
+DRAIN_REPORT_INTERVAL = 30.0
 #: twistd's umask for daemons when none is configured.
 DAEMON_UMASK = 0o077
 
@@ -261,16 +276,78 @@ def _follow(read_fd: int, offset: int, pidfile: str) -> int:
 # running (in the foreground process or in the daemon)
 
 
+def json_log_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    """One Twisted log event as the object ``--log-format json`` writes on a line.
+
+    Keys: ``time`` (ISO-8601, local time with offset), ``level`` (Twisted's level name;
+    legacy ``log.err`` events are ``critical``), ``namespace`` and/or ``system`` (when the
+    event has them), ``message`` (the formatted text, as in the text format) and
+    ``failure`` (the traceback text, only when the event carries a failure).
+    """
+    from twisted.logger import formatEvent
+
+    when = event.get("log_time")
+    if not isinstance(when, int | float):
+        when = time.time()
+    record: dict[str, Any] = {
+        "time": datetime.datetime.fromtimestamp(when)
+        .astimezone()
+        .isoformat(timespec="milliseconds"),
+    }
+    level = event.get("log_level")
+    record["level"] = getattr(level, "name", None) or ("error" if event.get("isError") else "info")
+    namespace = event.get("log_namespace")
+    if namespace:
+        record["namespace"] = str(namespace)
+    system = event.get("log_system", event.get("system"))
+    if system and system != "-":
+        record["system"] = str(system)
+    failure = event.get("log_failure", event.get("failure"))
+    message = formatEvent(dict(event))
+    if not message and failure is not None:
+        message = str(event.get("why") or "Unhandled Error")
+    record["message"] = message
+    if failure is not None:
+        try:
+            record["failure"] = failure.getTraceback()
+        except Exception:
+            record["failure"] = repr(failure)
+    return record
+
+
+@implementer(ILogObserver)
+class JSONLineObserver:
+    """A Twisted log observer writing :func:`json_log_record` lines to a :class:`LogFile`.
+
+    The LogFile rotates exactly as for the text format.
+    """
+
+    def __init__(self, logfile: LogFile) -> None:
+        self.logfile = logfile
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        try:
+            line = json.dumps(json_log_record(event), ensure_ascii=False, default=str)
+        except Exception as exc:  # never lose a line because one value is odd
+            line = json.dumps({"time": "", "level": "error", "message": f"unloggable: {exc!r}"})
+        self.logfile.write(line + "\n")
+        self.logfile.flush()
+
+
 class _Logging:
     """Twisted's global log going to ``twistd.log`` the way twistd sets it up."""
 
-    def __init__(self, logfile: LogFile, rotate_on_usr1: bool) -> None:
+    def __init__(self, logfile: LogFile, rotate_on_usr1: bool, log_format: str = "text") -> None:
         from twisted.logger import LegacyLogObserverWrapper, globalLogBeginner
         from twisted.python import log
 
         self.logfile = logfile
         self.saved_stdio = (sys.stdout, sys.stderr)
-        self.observer = LegacyLogObserverWrapper(log.FileLogObserver(logfile).emit)
+        self.observer: Any
+        if log_format == "json":
+            self.observer = JSONLineObserver(logfile)
+        else:
+            self.observer = LegacyLogObserverWrapper(log.FileLogObserver(logfile).emit)
         globalLogBeginner.beginLoggingTo([self.observer], redirectStandardIO=True)
         self.old_usr1: Any = None
         if rotate_on_usr1 and not signal.getsignal(signal.SIGUSR1):
@@ -312,7 +389,7 @@ def run(
     from twisted.python import log
     from twisted.python.runtime import shortPythonVersion
 
-    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate)
+    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate, log_format=config.log_format)
     rc = 1
     failure: str | None = None
     try:
@@ -401,28 +478,44 @@ def _alive(pid: int) -> bool:
     return not _is_zombie(pid)
 
 
-def stop_worker(basedir: str, quiet: bool, signame: str = "TERM") -> int:
-    """Signal the worker of ``basedir`` and wait up to 10 s for it to go away.
+def _read_pid() -> int | None:
+    """The pid in ``twistd.pid`` (cwd); None (message printed) if it is garbage.
 
     Raises :class:`WorkerNotRunning` if there is no pid file.
     """
-    os.chdir(basedir)
     try:
         with open(PIDFILE) as f:
             content = f.read()
     except OSError as exc:
         raise WorkerNotRunning() from exc
     try:
-        pid = int(content.strip())
+        return int(content.strip())
     except ValueError:
         print(f"invalid pid file {os.path.abspath(PIDFILE)}: {content.strip()!r}")
-        return 1
+        return None
+
+
+def _signal(pid: int, signum: int) -> bool:
+    """Send ``signum``; False (message printed) if that is not allowed. A dead pid is fine."""
     try:
-        os.kill(pid, getattr(signal, "SIG" + signame))
+        os.kill(pid, signum)
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             print(f"cannot signal worker process {pid}: {exc.strerror}")
-            return 1
+            return False
+    return True
+
+
+def stop_worker(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> int:
+    """Signal the worker of ``basedir`` (SIGQUIT: stop now) and wait up to 10 s for it.
+
+    Messages and exit codes are the reference's. Raises :class:`WorkerNotRunning` if there
+    is no pid file.
+    """
+    os.chdir(basedir)
+    pid = _read_pid()
+    if pid is None or not _signal(pid, getattr(signal, "SIG" + signame)):
+        return 1
     time.sleep(0.1)
     deadline = time.monotonic() + STOP_TIMEOUT
     while True:
@@ -438,8 +531,54 @@ def stop_worker(basedir: str, quiet: bool, signame: str = "TERM") -> int:
     return 1
 
 
-def stop(basedir: str, quiet: bool, signame: str = "TERM") -> int:
-    """``pyworker stop``: ``worker not running`` is success, as in the reference."""
+def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int:
+    """SIGTERM the worker of ``basedir`` (graceful drain) and wait until it is gone.
+
+    No time limit unless ``timeout``; every :data:`DRAIN_REPORT_INTERVAL` seconds a line
+    says it is still draining. On timeout: a message, exit 1, the worker keeps draining.
+    Raises :class:`WorkerNotRunning` if there is no pid file.
+    """
+    os.chdir(basedir)
+    pid = _read_pid()
+    if pid is None or not _signal(pid, signal.SIGTERM):
+        return 1
+    started = time.monotonic()
+    if not quiet and _alive(pid):
+        print(
+            f"worker process {pid} is draining: running builds finish, no new ones start "
+            f"(`{_prog()} stop` stops it now)",
+            flush=True,
+        )
+    next_report = started + DRAIN_REPORT_INTERVAL
+    while True:
+        if not _alive(pid):
+            if not quiet:
+                print(f"worker process {pid} is dead")
+            return 0
+        now = time.monotonic()
+        if timeout is not None and now - started >= timeout:
+            if not quiet:
+                print(
+                    f"worker process {pid} still draining after {timeout:g} seconds; "
+                    f"gave up waiting (`{_prog()} stop` stops it now)"
+                )
+            return 1
+        if now >= next_report:
+            if not quiet:
+                print(
+                    f"worker process {pid} still draining after {now - started:.0f} seconds...",
+                    flush=True,
+                )
+            next_report += DRAIN_REPORT_INTERVAL
+        time.sleep(0.1)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) or "pyworker"
+
+
+def stop(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> int:
+    """``pyworker stop``: immediate; ``worker not running`` is success, as in the reference."""
     error = check_worker_dir(basedir)
     if error is not None:
         print(error)
@@ -452,14 +591,43 @@ def stop(basedir: str, quiet: bool, signame: str = "TERM") -> int:
         return 0
 
 
-def restart(basedir: str, quiet: bool, nodaemon: bool) -> int:
-    """``pyworker restart``: stop (if running), then start."""
+def stop_graceful(basedir: str, quiet: bool, timeout: float | None = None) -> int:
+    """``pyworker stop --graceful``: drain, wait until the worker is gone."""
     error = check_worker_dir(basedir)
     if error is not None:
         print(error)
         return 1
     try:
-        stop_worker(basedir, quiet)
+        return drain_worker(basedir, quiet, timeout)
+    except WorkerNotRunning:
+        if not quiet:
+            print("worker not running")
+        return 0
+
+
+def restart(
+    basedir: str,
+    quiet: bool,
+    nodaemon: bool,
+    graceful: bool = False,
+    timeout: float | None = None,
+) -> int:
+    """``pyworker restart``: stop (if running; immediate unless ``graceful``), then start.
+
+    As in the reference, a stop that times out does not prevent the start (which then
+    refuses a live pid file), except for a graceful stop that gave up (``timeout``): the
+    old worker is still running its builds, so nothing is started.
+    """
+    error = check_worker_dir(basedir)
+    if error is not None:
+        print(error)
+        return 1
+    try:
+        if graceful:
+            if drain_worker(basedir, quiet, timeout) != 0:
+                return 1
+        else:
+            stop_worker(basedir, quiet)
     except WorkerNotRunning:
         if not quiet:
             print("no old worker process found to stop")

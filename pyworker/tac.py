@@ -84,7 +84,7 @@ use_tls = %(use-tls)s
 delete_leftover_dirs = %(delete-leftover-dirs)s
 proxy_connection_string = %(proxy-connection-string)r
 protocol = %(protocol)r
-
+%(pyworker-settings)s
 s = Worker(buildmaster_host, port, workername, passwd, basedir,
            keepalive, umask=umask, maxdelay=maxdelay,
            numcpus=numcpus, allow_shutdown=allow_shutdown,
@@ -124,10 +124,40 @@ class TacOptions:
     protocol: str = "pb"
     connection_string: str | None = None
     proxy_connection_string: str | None = None
+    # pyworker's own settings: written only when they differ from the defaults
+    restrict_paths: bool = False
+    metrics_port: int | None = None
+    log_format: str = "text"
+    report_resources: bool = False
+
+
+#: Heads pyworker's own tac variables (the reference worker ignores plain assignments).
+PYWORKER_SETTINGS_COMMENT = "# pyworker settings (buildbot-worker ignores these)"
+LOG_FORMATS = ("text", "json")
+
+
+def pyworker_settings(opts: TacOptions) -> str:
+    """The tac lines for pyworker's own settings; empty when all are at their defaults."""
+    lines: list[str] = []
+    if opts.restrict_paths:
+        lines.append("restrict_paths = 1")
+    if opts.metrics_port is not None:
+        lines.append(f"metrics_port = {int(opts.metrics_port)}")
+    if opts.log_format != "text":
+        lines.append(f"log_format = {opts.log_format!r}")
+    if opts.report_resources:
+        lines.append("report_resources = 1")
+    if not lines:
+        return ""
+    return "\n".join([PYWORKER_SETTINGS_COMMENT, *lines, ""])
 
 
 def make_tac(opts: TacOptions) -> str:
-    """Return the text of ``buildbot.tac`` exactly as buildbot-worker 4.3.0 writes it."""
+    """Return the text of ``buildbot.tac`` exactly as buildbot-worker 4.3.0 writes it.
+
+    pyworker's own settings, when given, are extra assignments after ``protocol = ...``;
+    without them the text is byte-for-byte the reference's.
+    """
     values: dict[str, Any] = {
         "basedir": "." if opts.relocatable else opts.basedir,
         "log-size": opts.log_size,
@@ -147,6 +177,7 @@ def make_tac(opts: TacOptions) -> str:
         "delete-leftover-dirs": int(opts.delete_leftover_dirs),
         "proxy-connection-string": opts.proxy_connection_string,
         "protocol": opts.protocol,
+        "pyworker-settings": pyworker_settings(opts),
     }
     parts = [_TEMPLATE_HEAD]
     if not opts.no_logrotate:
@@ -574,6 +605,9 @@ def parse_tac(source: str, path: str) -> WorkerConfig:
     return _to_config(values, reader, path)
 
 
+_NONE = type(None)
+
+
 def _check(path: str, name: str, value: Any, kinds: tuple[type, ...], show: bool = True) -> None:
     if isinstance(value, kinds):
         return
@@ -646,6 +680,7 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
         _check(path, "rotateLength", rotate_length, (int,))
         _check(path, "maxRotatedFiles", max_rotated, (int, none))
 
+    settings = _pyworker_settings(reader, path)
     return WorkerConfig(
         basedir=basedir,
         workername=name,
@@ -666,4 +701,37 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
         log_rotate=log_rotate,
         rotate_length=rotate_length,
         max_rotated_files=max_rotated,
+        **settings,
     )
+
+
+def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
+    """pyworker's own tac variables (module-level assignments), checked; absent: defaults."""
+    settings: dict[str, Any] = {}
+    for var in ("restrict_paths", "metrics_port", "log_format", "report_resources"):
+        if var not in reader.names:
+            continue
+        value = reader.names[var]
+        if isinstance(value, _Unknown):
+            raise TacError(
+                f"{path}: {var!r} {value.why}; pyworker reads buildbot.tac "
+                "without executing it, so use plain literal values"
+            )
+        settings[var] = value
+    for flag in ("restrict_paths", "report_resources"):
+        if flag in settings:
+            _check(path, flag, settings[flag], (int, _NONE))
+            settings[flag] = bool(settings[flag])
+    if "metrics_port" in settings:
+        port = settings["metrics_port"]
+        _check(path, "metrics_port", port, (int, _NONE))
+        if isinstance(port, bool) or (port is not None and not 0 <= port <= 65535):
+            raise TacError(f"{path}: metrics_port must be a TCP port number or None, not {port!r}")
+    if "log_format" in settings:
+        fmt = settings["log_format"]
+        if fmt is None:
+            fmt = "text"
+        if fmt not in LOG_FORMATS:
+            raise TacError(f"{path}: log_format must be 'text' or 'json', not {fmt!r}")
+        settings["log_format"] = fmt
+    return settings

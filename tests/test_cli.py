@@ -41,10 +41,17 @@ def fake_run_worker(config):
     if mode == "attach":
         log.msg("message from master: attached")
     stop = []
-    signal.signal(signal.SIGTERM, lambda *args: stop.append(1))
-    while not stop:
+    def on_term(*args):
+        # like the real front end: the first SIGTERM drains, a second one stops at once
+        stop.append("graceful" if not stop else "immediate")
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGQUIT, lambda *args: stop.append("immediate"))
+    drain = {drain!r}
+    while not stop or (stop[-1] == "graceful" and drain != 0):
         time.sleep(0.02)
-    log.msg("fake front end stopping")
+        if stop and stop[-1] == "graceful" and drain > 0:
+            drain = max(0, drain - 0.02)
+    log.msg("fake front end stopping (%s)" % stop[-1])
     return 0
 
 def broken_front_end():
@@ -55,14 +62,18 @@ if {mode!r} == "broken":
 elif {mode!r} != "real":
     pyworker.daemon._load_run_worker = lambda: fake_run_worker
 pyworker.daemon.START_TIMEOUT = 1.0
+pyworker.daemon.DRAIN_REPORT_INTERVAL = 0.5
 from pyworker.cli import main
 sys.exit(main())
 """
 
 
-def launcher(tmp_path: Path, mode: str = "attach") -> str:
-    path = tmp_path / f"pyworker-{mode}"
-    path.write_text(LAUNCHER.format(python=sys.executable, repo=str(PKG_ROOT), mode=mode))
+def launcher(tmp_path: Path, mode: str = "attach", drain: float = 0) -> str:
+    """A pyworker with a fake front end; ``drain``: seconds a graceful stop takes (-1: forever)."""
+    path = tmp_path / f"pyworker-{mode}{'-drain' if drain else ''}"
+    path.write_text(
+        LAUNCHER.format(python=sys.executable, repo=str(PKG_ROOT), mode=mode, drain=drain)
+    )
     path.chmod(0o755)
     return str(path)
 
@@ -276,8 +287,32 @@ def test_create_worker_errors(
     assert not (tmp_path / "w").exists()
 
 
+#: create-worker options only pyworker has (documented in its --help).
+PYWORKER_ONLY_OPTIONS = {"restrict-paths", "metrics-port", "log-format", "report-resources"}
+_OPTION_LINE = re.compile(r"^  (?:-\w, |    )--([\w-]+)")
+
+
+def _usage_parts(text: str) -> tuple[list[str], dict[str, str]]:
+    """Split a usage text into its non-option lines and {option: help text (one line)}."""
+    other: list[str] = []
+    options: dict[str, str] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        match = _OPTION_LINE.match(line)
+        if match:
+            current = match.group(1)
+            options[current] = line
+        elif current is not None and line.startswith(" " * 20):
+            options[current] += " " + line.strip()
+        else:
+            current = None
+            other.append(line)
+    return other, {k: " ".join(v.split()) for k, v in options.items()}
+
+
 @needs_reference
 def test_create_worker_errors_same_as_reference(tmp_path: Path) -> None:
+    """Same messages and usage as the reference, but for pyworker's documented additions."""
     ref = reference_exe()
     assert ref is not None
     exe = launcher(tmp_path)
@@ -285,9 +320,17 @@ def test_create_worker_errors_same_as_reference(tmp_path: Path) -> None:
         full = _error_args(tmp_path, args)
         ours, theirs = run(exe, *full), run(ref, *full)
         assert (ours.returncode, theirs.returncode) == (1, 1)
-        assert ours.stdout.replace(exe, "PROG").replace("pyworker", "buildbot-worker") == (
-            theirs.stdout.replace(ref, "PROG")
+        our_other, our_opts = _usage_parts(
+            ours.stdout.replace(exe, "PROG").replace("pyworker", "buildbot-worker")
         )
+        their_other, their_opts = _usage_parts(theirs.stdout.replace(ref, "PROG"))
+        assert our_other == their_other
+        assert set(our_opts) == set(their_opts) | PYWORKER_ONLY_OPTIONS
+        for name, text in their_opts.items():
+            if name == "force":  # pyworker: --force also accepts an unsafe basedir
+                assert our_opts[name].startswith(text + ";")
+            else:
+                assert our_opts[name] == text, name
 
 
 def test_create_worker_error_writing(tmp_path: Path) -> None:
@@ -490,7 +533,7 @@ def test_stop_stale_and_garbage_pid(tmp_path: Path) -> None:
 
 
 def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process ignoring SIGTERM: 'never saw process go away' (exercised in-process)."""
+    """A process ignoring SIGQUIT/SIGTERM: 'never saw process go away' (in-process)."""
     from pyworker import daemon
 
     basedir = tmp_path / "w"
@@ -500,7 +543,9 @@ def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             sys.executable,
             "-c",
             "import signal, time\n"
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(1, flush=True)\ntime.sleep(30)",
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "signal.signal(signal.SIGQUIT, signal.SIG_IGN)\n"
+            "print(1, flush=True)\ntime.sleep(30)",
         ],
         stdout=subprocess.PIPE,
     )
