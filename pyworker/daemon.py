@@ -33,6 +33,9 @@ from pyworker.config import REFERENCE_VERSION, WorkerConfig
 from pyworker.tac import TacError, check_worker_dir, load_tac
 
 PIDFILE = "twistd.pid"
+#: Written by ``stop --graceful`` (the pid it sent SIGTERM to), so that running it again
+#: waits for the same drain instead of sending the second SIGTERM (= stop now).
+DRAINING_FILE = "pyworker.draining"
 LOGFILE = "twistd.log"
 HOSTNAME_FILE = "twistd.hostname"
 #: The line ``start`` waits for (logged when the master calls the Bot's ``print``).
@@ -97,6 +100,7 @@ def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
         if problem is not None:
             print(problem, file=sys.stderr)
             return 1
+        _remove_draining()  # left by a drain that ended without `stop` watching
     try:
         logfile = open_logfile(config)
     except OSError as exc:
@@ -303,9 +307,11 @@ def json_log_record(event: Mapping[str, Any]) -> dict[str, Any]:
     if system and system != "-":
         record["system"] = str(system)
     failure = event.get("log_failure", event.get("failure"))
-    message = formatEvent(dict(event))
-    if not message and failure is not None:
+    if failure is not None and event.get("isError"):
+        # legacy log.err(): its text has the traceback appended; keep that in "failure"
         message = str(event.get("why") or "Unhandled Error")
+    else:
+        message = formatEvent(dict(event))
     record["message"] = message
     if failure is not None:
         try:
@@ -520,6 +526,7 @@ def stop_worker(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> i
     deadline = time.monotonic() + STOP_TIMEOUT
     while True:
         if not _alive(pid):
+            _remove_draining()
             if not quiet:
                 print(f"worker process {pid} is dead")
             return 0
@@ -540,18 +547,27 @@ def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int
     """
     os.chdir(basedir)
     pid = _read_pid()
-    if pid is None or not _signal(pid, signal.SIGTERM):
+    if pid is None:
         return 1
+    # A second SIGTERM would mean "stop now" to the front end: when an earlier
+    # ``stop --graceful`` already started this drain, only wait for it again.
+    already = _draining_pid() == pid and _alive(pid)
+    if not already:
+        if not _signal(pid, signal.SIGTERM):
+            return 1
+        _write_draining(pid)
     started = time.monotonic()
     if not quiet and _alive(pid):
+        state = "is still draining" if already else "is draining"
         print(
-            f"worker process {pid} is draining: running builds finish, no new ones start "
+            f"worker process {pid} {state}: running builds finish, no new ones start "
             f"(`{_prog()} stop` stops it now)",
             flush=True,
         )
     next_report = started + DRAIN_REPORT_INTERVAL
     while True:
         if not _alive(pid):
+            _remove_draining()
             if not quiet:
                 print(f"worker process {pid} is dead")
             return 0
@@ -571,6 +587,29 @@ def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int
                 )
             next_report += DRAIN_REPORT_INTERVAL
         time.sleep(0.1)
+
+
+def _draining_pid() -> int | None:
+    try:
+        with open(DRAINING_FILE) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_draining(pid: int) -> None:
+    try:
+        with open(DRAINING_FILE, "w") as f:
+            f.write(f"{pid}\n")
+    except OSError:
+        pass
+
+
+def _remove_draining() -> None:
+    try:
+        os.unlink(DRAINING_FILE)
+    except OSError:
+        pass
 
 
 def _prog() -> str:

@@ -567,3 +567,239 @@ def test_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert cli_main(["stop", str(tmp_path / "w")]) == 0
     assert capsys.readouterr().out == "worker not running\n"
     assert cli_main(["start", "--help"]) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# pyworker's own create-worker options, the unsafe-basedir refusal, stop --graceful, JSON log
+
+SETTINGS_OPTS = [
+    "--restrict-paths",
+    "--metrics-port=9101",
+    "--log-format",
+    "json",
+    "--report-resources",
+]
+
+
+def test_create_worker_pyworker_settings(tmp_path: Path) -> None:
+    from pyworker.tac import load_tac
+
+    exe = launcher(tmp_path)
+    create(exe, tmp_path / "plain")
+    create(exe, tmp_path / "w", *SETTINGS_OPTS)
+    plain = (tmp_path / "plain" / "buildbot.tac").read_text().replace("plain", "w")
+    tac = (tmp_path / "w" / "buildbot.tac").read_text()
+    block = (
+        "# pyworker settings (buildbot-worker ignores these)\n"
+        "restrict_paths = 1\n"
+        "metrics_port = 9101\n"
+        "log_format = 'json'\n"
+        "report_resources = 1\n"
+    )
+    # the reference's text, with the settings after its last variable
+    assert tac == plain.replace("protocol = 'pb'\n", "protocol = 'pb'\n" + block)
+    config = load_tac(str(tmp_path / "w"))
+    assert (config.restrict_paths, config.metrics_port) == (True, 9101)
+    assert (config.log_format, config.report_resources) == ("json", True)
+    default = load_tac(str(tmp_path / "plain"))
+    assert (default.restrict_paths, default.metrics_port) == (False, None)
+    assert (default.log_format, default.report_resources) == ("text", False)
+
+    create(exe, tmp_path / "one", "--metrics-port", "8080")
+    tac = (tmp_path / "one" / "buildbot.tac").read_text()
+    assert "metrics_port = 8080\n" in tac and "restrict_paths" not in tac
+    assert "log_format" not in tac and "report_resources" not in tac
+
+
+@needs_reference
+def test_reference_runs_tac_with_pyworker_settings(tmp_path: Path) -> None:
+    """The reference's own tac loading (executing it) accepts pyworker's extra variables."""
+    ref = reference_exe()
+    assert ref is not None
+    create(launcher(tmp_path), tmp_path / "w", *SETTINGS_OPTS)
+    tac = tmp_path / "w" / "buildbot.tac"
+    python = os.path.join(os.path.dirname(ref), "python")
+    code = (
+        "import sys\n"
+        "ns = {'__file__': sys.argv[1]}\n"
+        "exec(compile(open(sys.argv[1]).read(), sys.argv[1], 'exec'), ns)\n"
+        "print(type(ns['s']).__name__, ns['metrics_port'], ns['log_format'])\n"
+    )
+    result = subprocess.run(
+        [python, "-c", code, str(tac)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Worker 9101 json\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metrics-port=http"], "metrics-port parameter needs to be a number"),
+        (["--metrics-port=0"], "metrics-port parameter needs to be a port (1-65535)"),
+        (["--metrics-port=65536"], "metrics-port parameter needs to be a port (1-65535)"),
+        (["--log-format=xml"], "log-format needs to be one of 'text' or 'json'"),
+    ],
+)
+def test_create_worker_settings_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["create-worker", *args, str(tmp_path / "w"), "m", "n", "SECRETPW"]
+    assert cli_main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{sys.argv[0]}:  {message}\n") and "SECRETPW" not in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_create_worker_refuses_unsafe_basedir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    argv = ["create-worker", "-q", str(shared), "m", "n", "SECRETPW"]
+    assert cli_main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"the worker directory {shared} is writable by others (mode 0777)" in captured.err
+    assert f"`chmod go-w {shared}`, or pass --force" in captured.err
+    assert "SECRETPW" not in captured.out + captured.err
+    assert not (shared / "buildbot.tac").exists()
+    assert cli_main(["create-worker", "-q", "--force", *argv[2:]]) == 0
+    assert (shared / "buildbot.tac").stat().st_mode & 0o777 == 0o600
+
+    # a basedir still to be made: the directory it would be created in is checked
+    assert cli_main(["create-worker", "-q", str(shared / "new"), "m", "n", "p"]) == 1
+    err = capsys.readouterr().err
+    assert f"{shared}, the directory {shared / 'new'} would be created in" in err
+    assert not (shared / "new").exists()
+
+    # group-writable (not our private group) is refused too; sticky (like /tmp) is fine
+    group = tmp_path / "group"
+    group.mkdir()
+    group.chmod(0o770)
+    if os.geteuid() == 0:
+        os.chown(group, -1, 4242)
+        assert cli_main(["create-worker", "-q", str(group), "m", "n", "p"]) == 1
+        assert "is writable by its group (mode 0770)" in capsys.readouterr().err
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert cli_main(["create-worker", "-q", str(sticky / "w"), "m", "n", "p"]) == 0
+    safe = tmp_path / "safe"
+    safe.mkdir()
+    safe.chmod(0o755)
+    assert cli_main(["create-worker", "-q", str(safe), "m", "n", "p"]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_create_worker_refuses_basedir_of_another_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 4242, 4242)
+    assert cli_main(["create-worker", "-q", str(theirs), "m", "n", "p"]) == 1
+    err = capsys.readouterr().err
+    assert f"the worker directory {theirs} is owned by uid 4242" in err
+    assert "pass --force" in err
+    assert cli_main(["create-worker", "-q", "--force", str(theirs), "m", "n", "p"]) == 0
+
+
+def _pid(basedir: Path) -> int:
+    return int((basedir / "twistd.pid").read_text())
+
+
+def test_stop_immediate_and_graceful(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "attach", drain=1.6)
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    log = basedir / "twistd.log"
+
+    # stop: SIGQUIT, the reference's messages
+    assert run(exe, "start", "-q", str(basedir)).returncode == 0
+    pid = _pid(basedir)
+    result = run(exe, "stop", str(basedir))
+    assert (result.returncode, result.stdout) == (0, f"worker process {pid} is dead\n")
+    assert log.read_text().count("fake front end stopping (immediate)") == 1
+
+    # stop --graceful: SIGTERM, waits for the whole drain, reports while it lasts
+    assert run(exe, "start", "-q", str(basedir)).returncode == 0
+    pid = _pid(basedir)
+    started = time.monotonic()
+    result = run(exe, "stop", "--graceful", str(basedir))
+    assert time.monotonic() - started >= 1.5
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout
+    assert lines[0].startswith(f"worker process {pid} is draining: running builds finish")
+    assert any(line.startswith(f"worker process {pid} still draining after") for line in lines)
+    assert lines[-1] == f"worker process {pid} is dead"
+    assert "fake front end stopping (graceful)" in log.read_text()
+    assert run(exe, "stop", "--graceful", "-q", str(basedir)).stdout == ""
+
+    # restart --graceful drains the old one, then starts a new one
+    assert run(exe, "start", "-q", str(basedir)).returncode == 0
+    pid = _pid(basedir)
+    result = run(exe, "restart", "--graceful", "-q", str(basedir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_gone(pid)
+    assert _pid(basedir) != pid
+    assert log.read_text().count("fake front end stopping (graceful)") == 2
+    assert run(exe, "stop", "-q", str(basedir)).returncode == 0
+
+
+def test_stop_graceful_timeout(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "attach", drain=-1)  # drains forever
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    assert run(exe, "start", "-q", str(basedir)).returncode == 0
+    pid = _pid(basedir)
+    result = run(exe, "stop", "--graceful", "--timeout", "1", str(basedir))
+    assert result.returncode == 1
+    assert f"worker process {pid} still draining after 1 seconds; gave up waiting" in (
+        result.stdout
+    )
+    assert not gone(pid)
+    # again: no second SIGTERM (that would mean "stop now"), it waits for the same drain
+    result = run(exe, "stop", "--graceful", "--timeout", "0.3", str(basedir))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"worker process {pid} is still draining: running builds")
+    assert not gone(pid)
+    # restart --graceful --timeout gives up too, and starts nothing
+    result = run(exe, "restart", "--graceful", "--timeout=0.5", str(basedir))
+    assert result.returncode == 1 and "now restarting" not in result.stdout
+    assert _pid(basedir) == pid
+    # a plain stop ends the drain at once
+    result = run(exe, "stop", str(basedir))
+    assert (result.returncode, result.stdout) == (0, f"worker process {pid} is dead\n")
+    log = (basedir / "twistd.log").read_text()
+    assert "fake front end stopping (immediate)" in log
+    assert not (basedir / "pyworker.draining").exists()
+    for bad in ("--timeout=soon", "--timeout=0"):
+        result = run(exe, "stop", "--graceful", bad, str(basedir))
+        assert result.returncode == 1 and "timeout parameter needs to be" in result.stdout
+
+
+def test_json_log_format(tmp_path: Path) -> None:
+    import datetime
+    import json
+
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir, "--log-format=json", passwd="TOPSECRET")
+    result = run(launcher(tmp_path, "exit0"), "start", "--nodaemon", str(basedir), env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run(launcher(tmp_path, "broken"), "start", "--nodaemon", str(basedir), env={})
+    assert result.returncode == 1
+    text = (basedir / "twistd.log").read_text()
+    assert "TOPSECRET" not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    for record in records:
+        assert {"time", "level", "message"} <= set(record), record
+        assert datetime.datetime.fromisoformat(record["time"]).tzinfo is not None
+        assert "namespace" in record or "system" in record, record
+    messages = [r["message"] for r in records]
+    assert "Loading buildbot.tac..." in messages and "Server Shut Down." in messages
+    assert any(m.startswith("fake front end for WorkerConfig(") for m in messages)
+    assert any("log_format='json'" in m for m in messages)
+    failed = [r for r in records if r["message"] == "pyworker: the worker failed"]
+    assert len(failed) == 1 and "ImportError: no front end here" in failed[0]["failure"]
+    assert failed[0]["level"] in ("critical", "error")

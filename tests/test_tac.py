@@ -18,6 +18,7 @@ from pyworker.tac import (
     load_tac,
     make_tac,
     parse_tac,
+    pyworker_settings,
     write_tac,
 )
 
@@ -304,3 +305,54 @@ def test_loader_never_executes(tmp_path: Path) -> None:
 def test_unreadable_tac(tmp_path: Path) -> None:
     with pytest.raises(TacError, match="No such file"):
         load_tac(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------
+# pyworker's own settings
+
+
+def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
+    base = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p"))
+    opts = TacOptions(
+        str(tmp_path),
+        "h",
+        1,
+        "n",
+        "p",
+        restrict_paths=True,
+        metrics_port=9100,
+        log_format="json",
+        report_resources=True,
+    )
+    text = make_tac(opts)
+    assert text != base and text.replace(pyworker_settings(opts), "") == base
+    assert text.index("protocol = 'pb'") < text.index("restrict_paths = 1")
+    assert text.index("report_resources = 1") < text.index("s = Worker(")
+    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
+    assert (config.restrict_paths, config.metrics_port) == (True, 9100)
+    assert (config.log_format, config.report_resources) == ("json", True)
+    # also without a Worker(...) call, and hand-written forms
+    text = text[: text.index("s = Worker(")].replace("restrict_paths = 1", "restrict_paths = True")
+    text += "metrics_port = None\nlog_format = None\n"
+    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
+    assert (config.restrict_paths, config.metrics_port, config.log_format) == (True, None, "text")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("metrics_port = '9100'", "metrics_port must be int or None"),
+        ("metrics_port = 70000", "metrics_port must be a TCP port number"),
+        ("metrics_port = True", "metrics_port must be a TCP port number"),
+        ("log_format = 'xml'", "log_format must be 'text' or 'json'"),
+        ("restrict_paths = 'yes'", "restrict_paths must be int or None"),
+        ("report_resources = os.environ.get('R')", "'report_resources' is set by an expression"),
+    ],
+)
+def test_bad_pyworker_settings(tmp_path: Path, line: str, message: str) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "SECRETPW"))
+    text = text.replace("protocol = 'pb'\n", f"protocol = 'pb'\n{line}\n")
+    with pytest.raises(TacError) as info:
+        parse_tac(text, str(tmp_path / "buildbot.tac"))
+    assert message in str(info.value)
+    assert "SECRETPW" not in str(info.value)
