@@ -1,0 +1,138 @@
+"""Operating a worker, against a real Buildbot 4.3.0 master: graceful drain on SIGTERM,
+immediate stop on SIGQUIT, the metrics endpoint, restricted paths and resource reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import MasterFactory
+from realmaster import BuildResult, RealMaster, free_port, wait_for, wait_for_process
+
+SHORT = "[steps.ShellCommand(command=['sleep', '3'])]"
+LONG = "[steps.ShellCommand(command=['sleep', '301'])]"
+QUICK = "[steps.ShellCommand(command=['echo', 'ok'])]"
+
+
+def test_sigterm_drains_running_builds_then_exits(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master({"short": SHORT, "quick": QUICK})
+    worker = master.start_worker(pyworker_executable)
+    request = master.request_build("short")
+    master.wait_build_started(request, step="shell")
+    os.kill(worker.pid, signal.SIGTERM)
+    # while draining, a new build request is not given to this worker
+    queued = master.request_build("quick")
+    build = master.wait_build(request, timeout=60)
+    assert build.result == "SUCCESS", build.describe()
+    assert worker.wait(30) == 0
+    assert "received SIGTERM: draining" in worker.twistd_log.read_text()
+    builds = master.get("builds", buildrequestid=queued.brid)["builds"]
+    assert builds == []
+
+
+def _finished_build(master: RealMaster, buildid: int) -> BuildResult:
+    """The build once it is complete (its request may be re-queued: no worker is left)."""
+    wait_for(lambda: master.get(f"builds/{buildid}")["builds"][0]["complete"] or None, 60,
+             f"build {buildid} to finish")
+    return master.build_result(buildid)
+
+
+def test_sigquit_stops_at_once_and_kills_the_command(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master({"long": LONG})
+    worker = master.start_worker(pyworker_executable)
+    request = master.request_build("long")
+    buildid = master.wait_build_started(request, step="shell")
+    wait_for_process("sleep 301")
+    os.kill(worker.pid, signal.SIGQUIT)
+    assert worker.wait(15) == 0
+    wait_for_process("sleep 301", gone=True, timeout=10)
+    assert _finished_build(master, buildid).result == "RETRY"
+
+
+def test_a_second_sigterm_stops_a_draining_worker(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master({"long": LONG})
+    worker = master.start_worker(pyworker_executable)
+    request = master.request_build("long")
+    buildid = master.wait_build_started(request, step="shell")
+    wait_for_process("sleep 301")
+    os.kill(worker.pid, signal.SIGTERM)
+    wait_for(lambda: "draining" in worker.twistd_log.read_text(), 10, "the drain to start")
+    assert worker.running()
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(15) == 0
+    wait_for_process("sleep 301", gone=True, timeout=10)
+    assert _finished_build(master, buildid).result == "RETRY"
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) -> None:
+    master = make_master({"quick": QUICK})
+    port = free_port()
+    worker = master.start_worker(pyworker_executable, create_args=["--metrics-port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    assert _get(base + "/healthz") == (200, "ok\n")
+    assert master.force_build("quick").result == "SUCCESS"
+    status, text = _get(base + "/metrics")
+    assert status == 200
+    assert "pyworker_connected 1" in text
+    assert 'pyworker_commands_total{command="shell"} 1' in text
+    assert "pyworker_running_commands 0" in text
+    assert 'pyworker_bytes_total{kind="stdout"} 3' in text  # "ok\n"
+    assert 'pyworker_executors{state="idle"}' in text
+    master.restart()
+    master.wait_worker_connected("w1")
+    assert "pyworker_reconnects_total 1" in _get(base + "/metrics")[1]
+    worker.stop()
+
+
+def test_restrict_paths_refuses_paths_outside_the_basedir(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master({
+        "inside": "[steps.ShellCommand(command=['true'], workdir='build/sub')]",
+        "outside": "[steps.ShellCommand(command=['true'], workdir='/tmp')]",
+        "escape": "[steps.ShellCommand(command=['true'], workdir='../../..')]",
+    })
+    master.start_worker(pyworker_executable, create_args=["--restrict-paths"])
+    assert master.force_build("inside").result == "SUCCESS"
+    for builder in ("outside", "escape"):
+        build = master.force_build(builder)
+        assert build.result == "EXCEPTION", build.describe()
+        text = "".join(t for s in build.steps for t in s.logs.values())
+        assert "outside the worker's basedir" in text, build.describe()
+
+
+def test_report_resources_adds_a_last_header_line(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master({"quick": QUICK})
+    worker = master.start_worker(pyworker_executable, create_args=["--report-resources"])
+    build = master.force_build("quick")
+    stdio = build.step("shell").logs["stdio"].splitlines()
+    assert stdio[-1].startswith("h resources: ") and "CPU seconds" in stdio[-1], stdio
+    assert "shell resources:" in worker.twistd_log.read_text()
+
+
+@pytest.mark.parametrize("fmt", ["json"])
+def test_json_log_lines(make_master: MasterFactory, pyworker_executable: str, fmt: str) -> None:
+    master = make_master({"quick": QUICK})
+    worker = master.start_worker(pyworker_executable, create_args=["--log-format", fmt])
+    lines = [json.loads(line) for line in worker.twistd_log.read_text().splitlines() if line]
+    assert any("message from master: attached" in entry["message"] for entry in lines)
