@@ -9,11 +9,12 @@ here a bounded window of blocks is in flight at any time:
 * downloads keep several ``READ`` requests out; the front end answers them in order with
   ``DATA`` frames (``b''`` past the end) or ``RESULT (False, text)`` when the master failed.
 
-Blocks are at most ``block_size`` bytes (512 KiB by default, well under Twisted's 640 KiB
-string limit, whatever ``blocksize`` the master configured) and never reach past ``maxsize``,
-so at most ``window`` bytes of a transfer are ever held in memory. At the first error from
-the master no new call is issued; the calls in flight are answered, then the failure is
-reported. An interrupt stops issuing at once; the closing calls are still made.
+Blocks are at most ``block_size`` bytes (128 KiB by default, well under Twisted's 640 KiB
+string limit, whatever ``blocksize`` the master configured; larger blocks cost the master
+more, as its PB decoder copies a partly received string once per network read) and never
+reach past ``maxsize``, so at most ``window`` bytes of a transfer are ever held in memory.
+At the first error from the master no new call is issued; the calls in flight are answered,
+then the failure is reported. An interrupt stops issuing at once; the closing calls are still made.
 
 Directory uploads stream the tar archive as :class:`pyworker.iocore.TarStream` produces it
 (compression here, overlapped with the network) instead of building it in a temporary file
@@ -38,10 +39,10 @@ from pyworker.commands.base import Command
 from pyworker.executor import Channel, CommandError
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
-BLOCK_SIZE = 512 * 1024
+BLOCK_SIZE = 128 * 1024
 MAX_BLOCK_SIZE = 600 * 1024
 #: Bytes of blocks in flight (sent, not yet answered) per transfer.
-WINDOW = 4 * 1024 * 1024
+WINDOW = 2 * 1024 * 1024
 #: Compression levels the master cannot see; chosen to keep the link to the master busy.
 GZIP_LEVEL = 1
 BZ2_LEVEL = 1

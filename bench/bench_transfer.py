@@ -1,0 +1,184 @@
+"""Transfer throughput against a real Buildbot 4.3.0 master: pyworker next to the reference.
+
+One master, two workers (the reference ``buildbot-worker`` and ``pyworker``), one builder per
+transfer kind and worker, the steps' default arguments (FileUpload 256 KiB blocks, the others
+16 KiB). Each benchmark round runs the same transfer once on each worker, alternating which
+goes first, so both see the same machine; the figures are medians over the rounds:
+
+* MiB/s: payload size / (build wall time - wall time of an empty build of that worker);
+* worker CPU s/GiB: CPU time of the worker process and all its children (psutil).
+
+The ratio pyworker/reference is attached to ``extra_info`` and printed (``-s``)::
+
+    PYWORKER_BENCH_MIB=128 PYWORKER_BENCH_TREE_MIB=50 pytest bench/bench_transfer.py -s
+    pytest bench --benchmark-disable     # CI: once each, small sizes
+
+``PYWORKER_BENCH_ROUNDS`` sets the rounds (default 5; 1 with ``--benchmark-disable``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from realmaster import Builder, RealMaster
+
+MiB = 1024 * 1024
+FILE_MIB = int(os.environ.get("PYWORKER_BENCH_MIB", "4"))
+TREE_MIB = int(os.environ.get("PYWORKER_BENCH_TREE_MIB", "2"))
+ROUNDS = int(os.environ.get("PYWORKER_BENCH_ROUNDS", "5"))
+WORKERS = ("reference", "pyworker")
+
+P_SRC = "util.Property('src')"
+P_DST = "util.Property('dst')"
+KINDS = {
+    "noop": f"[steps.StringDownload('x', workerdest={P_DST})]",
+    "upload_file": f"[steps.FileUpload(workersrc={P_SRC}, masterdest={P_DST})]",
+    "download_file": f"[steps.FileDownload(mastersrc={P_SRC}, workerdest={P_DST})]",
+    "upload_dir_none": f"[steps.DirectoryUpload(workersrc={P_SRC}, masterdest={P_DST})]",
+    "upload_dir_gz": f"[steps.DirectoryUpload(workersrc={P_SRC}, masterdest={P_DST},"
+    " compress='gz')]",
+    "upload_dir_bz2": f"[steps.DirectoryUpload(workersrc={P_SRC}, masterdest={P_DST},"
+    " compress='bz2')]",
+}
+
+
+def make_tree(root: Path, total: int) -> int:
+    """A mixed tree: text (compressible), random binary, many small files; returns its size."""
+    rnd = os.urandom(MiB)
+    words = b"the quick brown fox jumps over the lazy dog 0123456789 worker master\n"
+    size = 0
+    i = 0
+    while size < total:
+        d = root / f"d{i % 7}" / f"sub{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        kind = i % 4
+        if kind == 0:
+            data = (words * (total // 40 // len(words) + 1))[: max(1, total // 40)]
+        elif kind == 1:
+            data = rnd[(i * 7919) % (MiB // 2) :][: max(1, total // 60)]
+        else:
+            data = words[i % 30 :] * 20
+        (d / f"f{i}.{'txt' if kind != 1 else 'bin'}").write_bytes(data)
+        size += len(data)
+        i += 1
+    return size
+
+
+@pytest.fixture(scope="module")
+def setup(
+    bench_master_venv: Path,
+    bench_reference_worker: str,
+    bench_pyworker: str,
+    tmp_path_factory: Any,
+) -> Iterator[dict[str, Any]]:
+    work: Path = tmp_path_factory.mktemp("bench-transfer")
+    data = work / "data"
+    data.mkdir()
+    block = os.urandom(MiB)
+    with open(data / "file.bin", "wb") as f:
+        for i in range(FILE_MIB):
+            f.write(block[i % 4096 :] + block[: i % 4096])
+    tree_size = make_tree(data / "tree", TREE_MIB * MiB)
+    builders = {
+        f"{k}-{w}": Builder(factory=src, workers=[w]) for k, src in KINDS.items() for w in WORKERS
+    }
+    m = RealMaster(work / "m", builders, venv=bench_master_venv, workers=WORKERS)
+    try:
+        m.start()
+        pids = {
+            "reference": m.start_worker(bench_reference_worker, "reference").pid,
+            "pyworker": m.start_worker(bench_pyworker, "pyworker").pid,
+        }
+        yield {
+            "master": m,
+            "pids": pids,
+            "data": data,
+            "out": work / "out",
+            "sizes": {"file": FILE_MIB * MiB, "tree": tree_size},
+        }
+    finally:
+        m.stop()
+
+
+def _cpu(pid: int) -> float:
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
+    """One build: (wall seconds, worker CPU seconds)."""
+    m: RealMaster = s["master"]
+    data: Path = s["data"]
+    out: Path = s["out"] / worker
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if kind in ("upload_file", "download_file"):
+        src = data / "file.bin"
+    else:
+        src = data / "tree"
+    props = {"src": str(src), "dst": str(out / "dest")}
+    cpu0 = _cpu(s["pids"][worker])
+    t0 = time.perf_counter()
+    b = m.force_build(f"{kind}-{worker}", props, timeout=600)
+    wall = time.perf_counter() - t0
+    cpu = _cpu(s["pids"][worker]) - cpu0
+    assert b.result == "SUCCESS", b.describe()
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, cpu
+
+
+@pytest.mark.parametrize(
+    "kind", ["upload_file", "download_file", "upload_dir_none", "upload_dir_gz", "upload_dir_bz2"]
+)
+def test_transfer(benchmark: Any, setup: dict[str, Any], kind: str) -> None:
+    size = setup["sizes"]["file" if kind.endswith("_file") else "tree"]
+    walls: dict[str, list[float]] = {w: [] for w in WORKERS}
+    cpus: dict[str, list[float]] = {w: [] for w in WORKERS}
+    noop: dict[str, list[float]] = {w: [] for w in WORKERS}
+    order = list(WORKERS)
+
+    def one_round() -> None:
+        for w in order:
+            noop[w].append(_build(setup, "noop", w)[0])
+            wall, cpu = _build(setup, kind, w)
+            walls[w].append(wall)
+            cpus[w].append(cpu)
+        order.reverse()
+
+    disabled = getattr(benchmark, "disabled", False)
+    benchmark.pedantic(one_round, rounds=1 if disabled else ROUNDS, iterations=1)
+    if disabled and not walls["pyworker"]:
+        one_round()
+    gib = size / (1024 * MiB)
+    result: dict[str, float] = {}
+    for w in WORKERS:
+        net = max(statistics.median(walls[w]) - statistics.median(noop[w]), 1e-3)
+        result[f"{w}_mib_s"] = round(size / MiB / net, 2)
+        result[f"{w}_cpu_s_per_gib"] = round(statistics.median(cpus[w]) / gib, 2)
+    result["ratio"] = round(result["pyworker_mib_s"] / result["reference_mib_s"], 2)
+    benchmark.extra_info.update(result)
+    print(
+        f"\n{kind}: {size / MiB:.0f} MiB, {len(walls['pyworker'])} rounds: "
+        f"reference {result['reference_mib_s']} MiB/s ({result['reference_cpu_s_per_gib']} "
+        f"CPU s/GiB), pyworker {result['pyworker_mib_s']} MiB/s "
+        f"({result['pyworker_cpu_s_per_gib']} CPU s/GiB), ratio {result['ratio']}x"
+    )
