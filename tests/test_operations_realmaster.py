@@ -87,7 +87,8 @@ def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) 
     port = free_port()
     worker = master.start_worker(pyworker_executable, create_args=["--metrics-port", str(port)])
     base = f"http://127.0.0.1:{port}"
-    assert _get(base + "/healthz") == (200, "ok\n")
+    # the master lists the worker a moment before the worker's login call returns
+    wait_for(lambda: _get(base + "/healthz") == (200, "ok\n"), 10, "/healthz to say ok")
     assert master.force_build("quick").result == "SUCCESS"
     status, text = _get(base + "/metrics")
     assert status == 200
