@@ -154,12 +154,18 @@ class PBMasterSide:
 
 
 class WorkerForBuilder(pb.Referenceable):
-    """The worker side of one builder: runs one command at a time for it."""
+    """The worker side of one builder: runs the master's commands for it.
+
+    Commands are tracked by id. The reference runs each quick command (``glob``, ``stat``)
+    to its end inside ``startCommand``, and masters rely on that: ``MultipleFileUpload``
+    sends several at once on one builder. Here every command runs in an executor, so they
+    are allowed to overlap instead of one silencing the other.
+    """
 
     def __init__(self, bot: Bot, name: str, builddir: str) -> None:
         self.bot = bot
         self.name = name
-        self.session: CommandSession | None = None
+        self.sessions: dict[str, CommandSession] = {}
         self.set_builddir(builddir)
 
     def set_builddir(self, builddir: str) -> None:
@@ -180,9 +186,10 @@ class WorkerForBuilder(pb.Referenceable):
     def remote_startCommand(  # noqa: N802 - protocol name
         self, command_ref: Any, command_id: str, command: str, args: dict[str, Any]
     ) -> None:
-        if self.session is not None:
-            log.info("leftover command, dropping it")
-            self.stop_command()
+        if command_id in self.sessions:
+            log.info("(command {id}): id reused while running: dropping the old one",
+                     id=command_id)
+            self.sessions.pop(command_id).silence()
         if command not in WORKER_COMMANDS:
             raise UnknownCommand(f"(command {command_id}): unrecognized WorkerCommand '{command}'")
         if not isinstance(args, dict):
@@ -211,19 +218,20 @@ class WorkerForBuilder(pb.Referenceable):
             session.start()
         except ValueError as e:
             raise ValueError(f"{command}: an argument cannot be carried: {e}") from None
-        self.session = session
+        self.sessions[command_id] = session
 
         def lost(_: Any) -> None:
-            log.info("lost remote step")
-            if self.session is session:
-                self.stop_command()
+            log.info("(command {id}): lost remote step", id=command_id)
+            if self.sessions.get(command_id) is session:
+                del self.sessions[command_id]
+                session.silence()
 
         session.lost_cb = lost  # type: ignore[attr-defined]
         command_ref.notifyOnDisconnect(lost)
 
     def _command_done(self, session: CommandSession) -> None:
-        if self.session is session:
-            self.session = None
+        if self.sessions.get(session.command_id) is session:
+            del self.sessions[session.command_id]
         ref = session.master.command_ref  # type: ignore[attr-defined]
         try:
             ref.dontNotifyOnDisconnect(session.lost_cb)  # type: ignore[attr-defined]
@@ -232,15 +240,17 @@ class WorkerForBuilder(pb.Referenceable):
 
     def remote_interruptCommand(self, command_id: str, why: str) -> None:  # noqa: N802
         log.info("(command {id}): asked to interrupt: reason {why}", id=command_id, why=why)
-        if self.session is None:
+        session = self.sessions.get(command_id)
+        targets = [session] if session is not None else list(self.sessions.values())
+        if not targets:
             log.info(" .. but none was running")
-            return
-        self.session.interrupt(str(why))
+        for target in targets:
+            target.interrupt(str(why))
 
     def stop_command(self) -> None:
-        """Stop the running command with no further output (used on disconnect/removal)."""
-        session, self.session = self.session, None
-        if session is not None:
+        """Stop every running command with no further output (disconnect, removal)."""
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
             log.info("stopCommand: halting current command {id}", id=session.command_id)
             session.silence()
 
