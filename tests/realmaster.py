@@ -665,7 +665,7 @@ class RealMaster:
         if self.msgpack:
             protocols += (
                 f", 'msgpack_experimental_v7': "
-                f"{{'port': 'tcp:{self.msgpack_port}:interface=127.0.0.1'}}"
+                f"{{'port': {self.msgpack_port}}}"  # 4.3.0 takes only an integer here
             )
         anyprops = ", ".join(
             f"util.AnyPropertyParameter('prop{i}')" for i in range(MAX_FORCE_PROPERTIES)

@@ -125,19 +125,9 @@ def _builders() -> dict[str, Builder]:
     return out
 
 
-class MsgpackMaster(RealMaster):
-    """The 4.3.0 master takes only an integer msgpack port (PROTOCOL.md appendix A); the
-    harness writes an endpoint string, which the master refuses at start-up."""
-
-    def master_cfg(self) -> str:
-        cfg = super().master_cfg()
-        endpoint = f"{{'port': 'tcp:{self.msgpack_port}:interface=127.0.0.1'}}"
-        return cfg.replace(endpoint, f"{{'port': {self.msgpack_port}}}")
-
-
 @pytest.fixture(scope="module")
 def master(master_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealMaster]:
-    m = MsgpackMaster(tmp_path_factory.mktemp("realmaster"), _builders(), venv=master_venv,
+    m = RealMaster(tmp_path_factory.mktemp("realmaster"), _builders(), venv=master_venv,
                       workers=WHO, msgpack=True, extra_config=MISC_STEPS)
     try:
         m.start()
