@@ -11,7 +11,11 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+log = Logger()
 
 
 class TunnelError(Exception):
@@ -20,8 +24,10 @@ class TunnelError(Exception):
 
 class _TunnelProtocol(protocol.Protocol):
     def __init__(self, host: str, port: int, factory: Any, done: defer.Deferred[Any]) -> None:
+        self.target = f"{host}:{port}"
         self.request = f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode()
-        self.factory = factory
+        # not ``self.factory``: Factory.buildProtocol sets that to the tunnel's own factory
+        self.inner_factory = factory
         self.done = done
         self.buffer = b""
         self.inner: protocol.Protocol | None = None
@@ -44,7 +50,7 @@ class _TunnelProtocol(protocol.Protocol):
         if len(status) < 2 or status[1] != b"200":
             self._fail(f"proxy refused CONNECT: {first_line!r}")
             return
-        self.inner = self.factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        self.inner = self.inner_factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
         if self.inner is None:
             self._fail("factory refused the connection")
             return
@@ -54,6 +60,7 @@ class _TunnelProtocol(protocol.Protocol):
             self.inner.dataReceived(rest)
 
     def _fail(self, why: str) -> None:
+        log.info("HTTP proxy tunnel to {target}: {why}", target=self.target, why=why)
         self.transport.loseConnection()  # type: ignore[union-attr]
         if not self.done.called:
             self.done.errback(TunnelError(why))
@@ -62,7 +69,9 @@ class _TunnelProtocol(protocol.Protocol):
         if self.inner is not None:
             self.inner.connectionLost(reason)
         elif not self.done.called:
-            self.done.errback(TunnelError("proxy closed the connection during CONNECT"))
+            why = "proxy closed the connection during CONNECT"
+            log.info("HTTP proxy tunnel to {target}: {why}", target=self.target, why=why)
+            self.done.errback(TunnelError(why))
 
 
 @implementer(IStreamClientEndpoint)
@@ -80,5 +89,16 @@ class HTTPTunnelEndpoint:
             lambda: _TunnelProtocol(self.host, self.port, factory, done)  # type: ignore[arg-type]
         )
         d = self.proxy_endpoint.connect(tunnel_factory)
-        d.addErrback(lambda f: done.called or done.errback(f))
+
+        def proxy_failed(failure: Failure) -> None:
+            log.info(
+                "cannot reach the HTTP proxy for {host}:{port}: {why}",
+                host=self.host,
+                port=self.port,
+                why=failure.getErrorMessage(),
+            )
+            if not done.called:
+                done.errback(failure)
+
+        d.addErrback(proxy_failed)
         return done
