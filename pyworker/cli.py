@@ -72,8 +72,9 @@ _STOP_LONGDESC = """
     worker-initiated shutdown, takes no new builds, lets the running ones finish and
     then exits (at once if it is idle or not connected). stop waits until the process
     is gone, printing a line every 30 seconds while it drains; --timeout N gives up
-    waiting after N seconds (exit 1, the worker keeps draining). A second SIGTERM (or
-    a plain `stop`) during a drain stops the worker immediately.
+    waiting after N seconds (exit 1, the worker keeps draining). Running
+    `stop --graceful` again only waits again; a plain `stop` (or a second SIGTERM
+    sent by hand) during a drain stops the worker immediately.
 
     Signals: SIGTERM = graceful drain (first one), SIGQUIT or a second SIGTERM =
     immediate stop. Operates upon the specified <basedir> (or the current directory,
