@@ -369,6 +369,20 @@ class BotFactory(pb.PBClientFactory):
         self._failed_logins = 0
         self._keepalive: task.LoopingCall | None = None
 
+    def buildProtocol(self, addr: Any) -> pb.Broker:  # noqa: N802 - Twisted
+        broker = super().buildProtocol(addr)
+        lost = broker.connectionLost
+
+        def connection_lost(reason: Failure) -> None:
+            # e.g. a TLS certificate the trust roots refuse: say why, not just "retrying"
+            if self.perspective is None or self.perspective.broker is not broker:
+                log.info("connection to the master lost before login: {why}",
+                         why=reason.getErrorMessage())
+            lost(reason)
+
+        broker.connectionLost = connection_lost  # type: ignore[method-assign]
+        return broker
+
     def clientConnectionMade(self, broker: pb.Broker) -> None:  # noqa: N802 - Twisted
         super().clientConnectionMade(broker)
         self._login(broker)
@@ -435,7 +449,10 @@ class BotFactory(pb.PBClientFactory):
     def _login_failed(self, why: Failure, broker: pb.Broker) -> Any:
         if why.check(pb.PBConnectionLost):
             log.info("we lost the brand-new connection")
-        elif why.check(cred_error.UnauthorizedLogin):
+        elif why.check(cred_error.UnauthorizedLogin) or (
+            why.check(pb.RemoteError)
+            and _text(why.value.remoteType) == "twisted.cred.error.UnauthorizedLogin"
+        ):
             log.info("unauthorized login; check worker name and password")
         else:
             log.failure("While trying to connect:", why)
@@ -449,6 +466,10 @@ class BotFactory(pb.PBClientFactory):
                  n=self._failed_logins, delay=delay)
         yield task.deferLater(reactor, delay, lambda: None)
         broker.transport.loseConnection()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class Worker:
