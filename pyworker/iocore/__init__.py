@@ -1,4 +1,4 @@
-"""pyworker's I/O core: streaming tar writer and chunked copy helpers.
+"""pyworker's I/O core: streaming tar writer, chunked copy helpers and the output pump.
 
 Two twins implement the same names with identical results: the C core
 (``_c``, cffi API mode, sources in ``csrc/``) and a pure-Python one
@@ -26,9 +26,37 @@ API (both twins):
 * ``copy_file(src_path, dst_path) -> None`` (copies the mode too)
 * ``FRAME_HEADER``: ``struct.Struct('<IBBH')``; ``FEATURES``/``features()``/
   ``set_features()``: optional syscalls compiled in / enabled.
+* ``StreamPump(out_fd, channel, max_line_length=4096, *, kind=wire.TEXT,
+  count_lines=False)``: one output stream of a command (pipe or PTY master)
+  -> ``TEXT`` frames of whole lines on ``out_fd``, byte for byte what the
+  executor's Python path sends (per chunk: incremental UTF-8 decoding with
+  ``errors='replace'``, ``LineSplitter.append``, one frame if that completes
+  lines).  Methods:
+
+  - ``read_from(fd, max_bytes=262144, *, send=True) -> int``: one ``read``
+    (a PTY: more non-blocking reads until EAGAIN/EIO or ``max_bytes``);
+    returns the bytes read, ``0`` at EOF (EIO from a PTY is EOF), ``-1`` if
+    nothing can be read now (EAGAIN); ``OSError`` for other errors.
+    ``send=False`` keeps the frame until ``send()`` (or the next call), so
+    that ``last_newlines`` can be checked before it goes out.
+  - ``discard_from(fd, max_bytes=262144) -> int``: read and drop (same
+    return values).
+  - ``feed(data, *, send=True)``: process bytes given directly (slices of
+    ``PUMP_MAX_READ`` = 2 MiB, one frame each).
+  - ``eof()``: the decoder's kept bytes become U+FFFD, completed lines sent.
+  - ``flush()``: ``eof()`` then the unfinished tail as a last line, one frame
+    (nothing if empty).  ``send()``; ``close()``.
+  - ``last_newlines``: ``LINE_COUNT_RE`` matches in the text decoded by the
+    last ``read_from``/``feed`` (0 unless ``count_lines``); ``pending``:
+    payload bytes kept by ``send=False``; ``tail_chars``: the unfinished tail
+    (< ``max_line_length``).
+
+  Frames are written with one write each, continued after partial writes and
+  waiting if ``out_fd`` is non-blocking, so a slow reader pauses the pump.
 
 Threads: every C call releases the GIL; the functions may run in several
-threads at once, but one ``TarStream`` must be read by one thread at a time,
+threads at once, but one ``TarStream`` or ``StreamPump`` must be used by one
+thread at a time,
 and frames from concurrent ``send_file_frames`` calls on the same ``out_fd``
 would interleave.  Byte identity is with the running CPython's ``tarfile``
 (checked against 3.11.7: rounded mtime in the ustar field, float mtime as a PAX record);
@@ -72,6 +100,8 @@ BACKEND, _impl = _load()
 
 FEATURES: frozenset[str] = _impl.FEATURES
 FRAME_HEADER = _impl.FRAME_HEADER
+PUMP_MAX_READ: int = _impl.PUMP_MAX_READ
+StreamPump = _impl.StreamPump
 TarStream = _impl.TarStream
 copy_file = _impl.copy_file
 features = _impl.features
@@ -84,6 +114,8 @@ __all__ = [
     "C_IMPORT_ERROR",
     "FEATURES",
     "FRAME_HEADER",
+    "PUMP_MAX_READ",
+    "StreamPump",
     "TarStream",
     "copy_file",
     "features",

@@ -14,6 +14,8 @@ from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.normpath(os.path.join(_HERE, "..", "..", "csrc"))
+#: Every header is part of the cdef and included by the generated module.
+_HEADERS = sorted(glob.glob(os.path.join(_CSRC, "*.h")))
 
 
 def _rel(path: str) -> str:
@@ -27,7 +29,7 @@ def _rel(path: str) -> str:
 
 def _cdef_source() -> str:
     lines: list[str] = []
-    for header in sorted(glob.glob(os.path.join(_CSRC, "*.h"))):
+    for header in _HEADERS:
         with open(header, encoding="utf-8") as f:
             for line in f.read().splitlines():
                 if not line.lstrip().startswith("#"):
@@ -45,10 +47,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef_source())
 ffibuilder.set_source(
     "pyworker.iocore._iocore",
-    '#include "iocore.h"',
+    "\n".join(f'#include "{os.path.basename(h)}"' for h in _HEADERS),
     sources=[_rel(p) for p in sorted(glob.glob(os.path.join(_CSRC, "*.c")))],
     include_dirs=[_rel(_CSRC)],
-    depends=[_rel(p) for p in sorted(glob.glob(os.path.join(_CSRC, "*.h")))],
+    depends=[_rel(p) for p in _HEADERS],
     libraries=["z", "bz2", "m"],
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,

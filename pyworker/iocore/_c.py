@@ -12,12 +12,15 @@ import shutil
 from types import TracebackType
 from typing import Any
 
+from pyworker import wire
 from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
 from pyworker.iocore._iocore import ffi, lib  # type: ignore[import-not-found]
 
 __all__ = [
     "FEATURES",
     "FRAME_HEADER",
+    "PUMP_MAX_READ",
+    "StreamPump",
     "TarStream",
     "copy_file",
     "features",
@@ -143,6 +146,145 @@ class TarStream:
             _ffi.release(tar)
 
     def __enter__(self) -> TarStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# -- output pump -------------------------------------------------------------------------
+
+PUMP_MAX_READ: int = int(_lib.IOCORE_PUMP_MAX_READ)
+"""Largest ``max_bytes`` of ``StreamPump.read_from`` (and ``feed`` slice): frames stay small."""
+
+_DEFER = int(_lib.IOCORE_PUMP_DEFER)
+_DISCARD = int(_lib.IOCORE_PUMP_DISCARD)
+_EAGAIN = int(_lib.IOCORE_PUMP_EAGAIN)
+
+
+def _check_max_bytes(max_bytes: int) -> None:
+    if not 1 <= max_bytes <= PUMP_MAX_READ:
+        raise ValueError(f"max_bytes must be in 1..{PUMP_MAX_READ}")
+
+
+class StreamPump:
+    """One output stream of a command -> ``TEXT`` frames of whole lines on ``out_fd``.
+
+    C twin (csrc/pump.c): decoding, newline normalisation, line cutting and framing in one
+    pass, the GIL released for every call.  See the package docstring for the API.
+    """
+
+    def __init__(self, out_fd: int, channel: int, max_line_length: int = 4096, *,
+                 kind: int = wire.TEXT, count_lines: bool = False) -> None:
+        if not 0 <= kind <= 255 or not 0 <= channel <= 255:
+            raise ValueError("kind and channel must be in 0..255")
+        if not 2 <= max_line_length <= 1 << 24:
+            raise ValueError("max_line_length must be in 2..2**24")
+        out = _ffi.new("iocore_pump **")
+        r = int(_lib.iocore_pump_new(out_fd, kind, channel, max_line_length, out))
+        if r < 0:
+            raise _error(r)
+        self._pump: Any = _ffi.gc(out[0], _lib.iocore_pump_free)
+        self.out_fd = out_fd
+        self.channel = channel
+        self.kind = kind
+        self.max_line_length = max_line_length
+        self.count_lines = count_lines
+        #: ``\r\n|\r|\n`` in the text decoded by the last read/feed (if ``count_lines``).
+        self.last_newlines = 0
+
+    def _live(self) -> Any:
+        if self._pump is None:
+            raise ValueError("operation on a closed StreamPump")
+        return self._pump
+
+    def _newlines(self, pump: Any) -> int:
+        return int(_lib.iocore_pump_newlines(pump)) if self.count_lines else 0
+
+    def feed(self, data: bytes | bytearray | memoryview, *, send: bool = True) -> None:
+        """Process ``data`` as if read (slices of ``PUMP_MAX_READ`` bytes: one frame each)."""
+        pump = self._live()
+        view = memoryview(data).cast("B")
+        if not view:
+            r = int(_lib.iocore_pump_send(pump))
+            self.last_newlines = 0
+            if r < 0:
+                raise _error(r)
+            return
+        buf = _ffi.from_buffer("uint8_t[]", view)
+        total = len(view)
+        count = 0
+        for start in range(0, total, PUMP_MAX_READ):
+            n = min(PUMP_MAX_READ, total - start)
+            flags = 0 if send or start + n < total else _DEFER
+            r = int(_lib.iocore_pump_feed(pump, buf + start, n, flags))
+            if r < 0:
+                raise _error(r)
+            count += self._newlines(pump)
+        self.last_newlines = count
+
+    def read_from(self, fd: int, max_bytes: int = 262144, *, send: bool = True) -> int:
+        """One read of up to ``max_bytes`` from ``fd``, processed and sent as one frame.
+
+        Returns the bytes read, 0 at EOF, -1 if nothing can be read now (EAGAIN).
+        """
+        _check_max_bytes(max_bytes)
+        pump = self._live()
+        r = int(_lib.iocore_pump_read(pump, fd, max_bytes, 0 if send else _DEFER))
+        self.last_newlines = self._newlines(pump)
+        if r < 0:
+            if r == _EAGAIN:
+                return -1
+            raise _error(r)
+        return r
+
+    def discard_from(self, fd: int, max_bytes: int = 262144) -> int:
+        """Read and drop up to ``max_bytes``; same return value as :meth:`read_from`."""
+        _check_max_bytes(max_bytes)
+        r = int(_lib.iocore_pump_read(self._live(), fd, max_bytes, _DISCARD))
+        self.last_newlines = 0
+        if r < 0:
+            if r == _EAGAIN:
+                return -1
+            raise _error(r)
+        return r
+
+    def eof(self) -> None:
+        """The decoder's kept bytes (U+FFFD), as the end of the input; sends completed lines."""
+        r = int(_lib.iocore_pump_eof(self._live()))
+        if r < 0:
+            raise _error(r)
+
+    def flush(self) -> None:
+        """:meth:`eof`, then the unfinished tail as a last line; one frame (none if empty)."""
+        r = int(_lib.iocore_pump_flush(self._live()))
+        if r < 0:
+            raise _error(r)
+
+    def send(self) -> None:
+        """Write the frame kept by ``send=False`` (nothing if none)."""
+        r = int(_lib.iocore_pump_send(self._live()))
+        if r < 0:
+            raise _error(r)
+
+    @property
+    def pending(self) -> int:
+        """Payload bytes of the frame kept by ``send=False``."""
+        return int(_lib.iocore_pump_pending(self._live()))
+
+    @property
+    def tail_chars(self) -> int:
+        """Characters of the unfinished tail (always < ``max_line_length``)."""
+        return int(_lib.iocore_pump_tail_chars(self._live()))
+
+    def close(self) -> None:
+        """Free the C state (unsent tail and kept frame are dropped)."""
+        pump, self._pump = getattr(self, "_pump", None), None
+        if pump is not None:
+            _ffi.release(pump)
+
+    def __enter__(self) -> StreamPump:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -8,6 +8,8 @@ but produces the archive incrementally.
 from __future__ import annotations
 
 import bz2
+import codecs
+import errno
 import os
 import select
 import shutil
@@ -19,7 +21,9 @@ import zlib
 from collections.abc import Iterator
 from types import TracebackType
 
+from pyworker import wire
 from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
+from pyworker.lines import LINE_COUNT_RE, MAX_LINE_LENGTH, LineSplitter
 
 try:
     import grp
@@ -31,6 +35,8 @@ except ImportError:  # pragma: no cover - not on POSIX
 __all__ = [
     "FEATURES",
     "FRAME_HEADER",
+    "PUMP_MAX_READ",
+    "StreamPump",
     "TarStream",
     "copy_file",
     "features",
@@ -367,3 +373,173 @@ class TarStream:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+# -- output pump -------------------------------------------------------------------------
+
+PUMP_MAX_READ = 2 * 1024 * 1024
+"""Largest ``max_bytes`` of ``StreamPump.read_from`` (and ``feed`` slice): frames stay small."""
+
+
+def check_pump_args(kind: int, channel: int, max_line_length: int) -> None:
+    """Raise ValueError for pump settings the frame header or the splitter cannot take."""
+    if not 0 <= kind <= 255 or not 0 <= channel <= 255:
+        raise ValueError("kind and channel must be in 0..255")
+    if not 2 <= max_line_length <= 1 << 24:
+        raise ValueError("max_line_length must be in 2..2**24")
+
+
+def check_max_bytes(max_bytes: int) -> None:
+    if not 1 <= max_bytes <= PUMP_MAX_READ:
+        raise ValueError(f"max_bytes must be in 1..{PUMP_MAX_READ}")
+
+
+class StreamPump:
+    """One output stream of a command -> ``TEXT`` frames of whole lines on ``out_fd``.
+
+    The pure-Python twin is the executor's existing path, wrapped: per chunk,
+    ``decoder.decode`` (UTF-8, ``errors='replace'``), ``LineSplitter.append`` and one frame
+    when that completes lines.  See the package docstring for the API.
+    """
+
+    def __init__(self, out_fd: int, channel: int, max_line_length: int = MAX_LINE_LENGTH, *,
+                 kind: int = wire.TEXT, count_lines: bool = False) -> None:
+        check_pump_args(kind, channel, max_line_length)
+        self.out_fd = out_fd
+        self.channel = channel
+        self.kind = kind
+        self.max_line_length = max_line_length
+        self.count_lines = count_lines
+        #: ``\r\n|\r|\n`` in the text decoded by the last read/feed (if ``count_lines``).
+        self.last_newlines = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._splitter = LineSplitter(max_line_length)
+        self._pending = b""
+        self._tty_fd = -1
+        self._is_tty = False
+        self._tty_nonblock = False
+
+    # -- processing ------------------------------------------------------------------------
+
+    def _chunk(self, data: bytes) -> str:
+        text = self._decoder.decode(data)
+        if not text:
+            return ""
+        if self.count_lines:
+            self.last_newlines += len(LINE_COUNT_RE.findall(text))
+        return self._splitter.append(text)
+
+    def _emit(self, lines: str, send: bool) -> None:
+        if lines:
+            self._pending = lines.encode("utf-8")
+        if send:
+            self.send()
+
+    def feed(self, data: bytes | bytearray | memoryview, *, send: bool = True) -> None:
+        """Process ``data`` as if read (slices of ``PUMP_MAX_READ`` bytes: one frame each)."""
+        view = memoryview(data).cast("B")
+        self.send()
+        self.last_newlines = 0
+        for start in range(0, len(view), PUMP_MAX_READ):
+            piece = view[start : start + PUMP_MAX_READ]
+            last = start + PUMP_MAX_READ >= len(view)
+            self._emit(self._chunk(bytes(piece)), send or not last)
+
+    def read_from(self, fd: int, max_bytes: int = 262144, *, send: bool = True) -> int:
+        """One read of up to ``max_bytes`` from ``fd``, processed and sent as one frame.
+
+        Returns the bytes read, 0 at EOF, -1 if nothing can be read now (EAGAIN).
+        """
+        data = self._read(fd, max_bytes)
+        if data is None:
+            return -1
+        if data:
+            self._emit(self._chunk(data), send)
+        return len(data)
+
+    def discard_from(self, fd: int, max_bytes: int = 262144) -> int:
+        """Read and drop up to ``max_bytes``; same return value as :meth:`read_from`."""
+        data = self._read(fd, max_bytes)
+        return -1 if data is None else len(data)
+
+    def eof(self) -> None:
+        """The decoder's kept bytes (U+FFFD), as the end of the input; sends completed lines."""
+        self.send()
+        tail = self._decoder.decode(b"", final=True)
+        self._emit(self._splitter.append(tail) if tail else "", True)
+
+    def flush(self) -> None:
+        """:meth:`eof`, then the unfinished tail as a last line; one frame (none if empty)."""
+        self.send()
+        tail = self._decoder.decode(b"", final=True)
+        lines = self._splitter.append(tail) if tail else ""
+        self._emit(lines + self._splitter.flush(), True)
+
+    def send(self) -> None:
+        """Write the frame kept by ``send=False`` (nothing if none)."""
+        if self._pending:
+            payload, self._pending = self._pending, b""
+            _write_all(self.out_fd, FRAME_HEADER.pack(len(payload), self.kind, self.channel, 0)
+                       + payload)
+
+    @property
+    def pending(self) -> int:
+        """Payload bytes of the frame kept by ``send=False``."""
+        return len(self._pending)
+
+    @property
+    def tail_chars(self) -> int:
+        """Characters of the unfinished tail (always < ``max_line_length``)."""
+        return len(self._splitter._partial)
+
+    def close(self) -> None:
+        """Nothing to release in the Python twin (kept for interface parity)."""
+
+    def __enter__(self) -> StreamPump:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read(self, fd: int, max_bytes: int) -> bytes | None:
+        check_max_bytes(max_bytes)
+        self.send()
+        self.last_newlines = 0
+        if fd != self._tty_fd:
+            self._tty_fd = fd
+            self._is_tty = os.isatty(fd)
+            self._tty_nonblock = self._is_tty and not os.get_blocking(fd)
+        try:
+            data = os.read(fd, max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO and self._is_tty:
+                return b""  # the PTY's last writer closed it
+            raise
+        if data and self._is_tty:
+            data = self._read_more(fd, data, max_bytes)
+        return data
+
+    def _read_more(self, fd: int, data: bytes, max_bytes: int) -> bytes:
+        """A PTY hands out a few KiB per read: gather what is ready."""
+        parts = [data]
+        size = len(data)
+        poller = None if self._tty_nonblock else select.poll()
+        if poller is not None:
+            poller.register(fd, select.POLLIN)
+        while size < max_bytes:
+            if poller is not None and not any(ev & select.POLLIN for _, ev in poller.poll(0)):
+                break
+            try:
+                more = os.read(fd, max_bytes - size)
+            except OSError:  # EAGAIN: nothing more now; EIO: the next call sees the end
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
