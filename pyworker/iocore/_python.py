@@ -415,6 +415,7 @@ class StreamPump:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._splitter = LineSplitter(max_line_length)
         self._pending = b""
+        self._closed = False
         self._tty_fd = -1
         self._is_tty = False
         self._tty_nonblock = False
@@ -437,6 +438,7 @@ class StreamPump:
 
     def feed(self, data: bytes | bytearray | memoryview, *, send: bool = True) -> None:
         """Process ``data`` as if read (slices of ``PUMP_MAX_READ`` bytes: one frame each)."""
+        self._live()
         view = memoryview(data).cast("B")
         self.send()
         self.last_newlines = 0
@@ -464,12 +466,14 @@ class StreamPump:
 
     def eof(self) -> None:
         """The decoder's kept bytes (U+FFFD), as the end of the input; sends completed lines."""
+        self._live()
         self.send()
         tail = self._decoder.decode(b"", final=True)
         self._emit(self._splitter.append(tail) if tail else "", True)
 
     def flush(self) -> None:
         """:meth:`eof`, then the unfinished tail as a last line; one frame (none if empty)."""
+        self._live()
         self.send()
         tail = self._decoder.decode(b"", final=True)
         lines = self._splitter.append(tail) if tail else ""
@@ -477,6 +481,7 @@ class StreamPump:
 
     def send(self) -> None:
         """Write the frame kept by ``send=False`` (nothing if none)."""
+        self._live()
         if self._pending:
             payload, self._pending = self._pending, b""
             _write_all(self.out_fd, FRAME_HEADER.pack(len(payload), self.kind, self.channel, 0)
@@ -493,7 +498,13 @@ class StreamPump:
         return len(self._splitter._partial)
 
     def close(self) -> None:
-        """Nothing to release in the Python twin (kept for interface parity)."""
+        """Drop the state (unsent tail and kept frame), as the C twin frees its own."""
+        self._closed = True
+        self._pending = b""
+
+    def _live(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed StreamPump")
 
     def __enter__(self) -> StreamPump:
         return self
@@ -506,6 +517,7 @@ class StreamPump:
 
     def _read(self, fd: int, max_bytes: int) -> bytes | None:
         check_max_bytes(max_bytes)
+        self._live()
         self.send()
         self.last_newlines = 0
         if fd != self._tty_fd:
