@@ -21,20 +21,18 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from realmaster import Builder, RealMaster
+from realmaster_bench import WORKERS, interleaved, timed_build
 
 MiB = 1024 * 1024
 FILE_MIB = int(os.environ.get("PYWORKER_BENCH_MIB", "4"))
 TREE_MIB = int(os.environ.get("PYWORKER_BENCH_TREE_MIB", "2"))
 ROUNDS = int(os.environ.get("PYWORKER_BENCH_ROUNDS", "5"))
-WORKERS = ("reference", "pyworker")
 
 P_SRC = "util.Property('src')"
 P_DST = "util.Property('dst')"
@@ -108,22 +106,6 @@ def setup(
         m.stop()
 
 
-def _cpu(pid: int) -> float:
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
     """One build: (wall seconds, worker CPU seconds)."""
     m: RealMaster = s["master"]
@@ -136,12 +118,7 @@ def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
     else:
         src = data / "tree"
     props = {"src": str(src), "dst": str(out / "dest")}
-    cpu0 = _cpu(s["pids"][worker])
-    t0 = time.perf_counter()
-    b = m.force_build(f"{kind}-{worker}", props, timeout=600)
-    wall = time.perf_counter() - t0
-    cpu = _cpu(s["pids"][worker]) - cpu0
-    assert b.result == "SUCCESS", b.describe()
+    wall, cpu = timed_build(m, f"{kind}-{worker}", s["pids"][worker], props)
     shutil.rmtree(out, ignore_errors=True)
     return wall, cpu
 
@@ -151,23 +128,15 @@ def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
 )
 def test_transfer(benchmark: Any, setup: dict[str, Any], kind: str) -> None:
     size = setup["sizes"]["file" if kind.endswith("_file") else "tree"]
-    walls: dict[str, list[float]] = {w: [] for w in WORKERS}
-    cpus: dict[str, list[float]] = {w: [] for w in WORKERS}
     noop: dict[str, list[float]] = {w: [] for w in WORKERS}
-    order = list(WORKERS)
 
-    def one_round() -> None:
-        for w in order:
-            noop[w].append(_build(setup, "noop", w)[0])
-            wall, cpu = _build(setup, kind, w)
-            walls[w].append(wall)
-            cpus[w].append(cpu)
-        order.reverse()
+    def one(w: str) -> tuple[float, float]:
+        noop[w].append(_build(setup, "noop", w)[0])
+        return _build(setup, kind, w)
 
-    disabled = getattr(benchmark, "disabled", False)
-    benchmark.pedantic(one_round, rounds=1 if disabled else ROUNDS, iterations=1)
-    if disabled and not walls["pyworker"]:
-        one_round()
+    runs = interleaved(benchmark, ROUNDS, one)
+    walls = {w: runs[w][0] for w in WORKERS}
+    cpus = {w: runs[w][1] for w in WORKERS}
     gib = size / (1024 * MiB)
     result: dict[str, float] = {}
     for w in WORKERS:

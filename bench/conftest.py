@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+BENCH_DIR = Path(__file__).resolve().parent
+for _path in (TESTS_DIR, BENCH_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def pytest_collect_file(file_path: Path, parent: Any) -> Any:
