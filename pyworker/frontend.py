@@ -404,11 +404,7 @@ class BotFactory(pb.PBClientFactory):
     def _got_perspective(self, perspective: Any, broker: pb.Broker) -> None:
         log.info("Connected to buildmaster; worker is ready")
         self.perspective = perspective
-        if self.worker.connected_since is not None:
-            metrics.STATS.reconnects += 1
-        self.worker.connected_since = reactor.seconds()
-        metrics.STATS.connected = True
-        metrics.STATS.connected_since = self.worker.connected_since
+        self.worker.mark_connected(True)
         try:
             broker.transport.setTcpKeepAlive(1)
         except Exception:
@@ -436,7 +432,7 @@ class BotFactory(pb.PBClientFactory):
     def _lost_perspective(self, _: Any) -> None:
         log.info("lost connection to the master")
         self.perspective = None
-        metrics.STATS.connected = False
+        self.worker.mark_connected(False)
         if self.worker.draining:
             log.info("lost the master while draining: stopping now")
             self.worker.stop()
@@ -493,6 +489,15 @@ class Worker:
         self.connected_since: float | None = None
         self._shutdown_mtime = 0.0
         self._shutdown_loop: task.LoopingCall | None = None
+
+    def mark_connected(self, connected: bool) -> None:
+        """Record that a front end logged in to the master (or lost it), for the metrics."""
+        metrics.STATS.connected = connected
+        if not connected:
+            return
+        if self.connected_since is not None:
+            metrics.STATS.reconnects += 1
+        self.connected_since = metrics.STATS.connected_since = reactor.seconds()
 
     def retry_delay(self, attempt: int) -> float | None:
         """The reference's backoff; None (and the worker stops) past ``maxretries``."""

@@ -36,12 +36,11 @@ import msgpack
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest, ConnectionResponse
 from twisted.application.internet import ClientService
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.endpoints import _parse as parse_endpoint_description
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyworker import metrics
 from pyworker.session import TEXT_KEYS, CommandSession
 
 if TYPE_CHECKING:
@@ -391,16 +390,12 @@ class MsgpackFront:
 
     def connected(self, proto: MsgpackProtocol) -> None:
         self.proto = proto
-        if self.worker.connected_since is not None:
-            metrics.STATS.reconnects += 1
-        self.worker.connected_since = reactor.seconds()
-        metrics.STATS.connected = True
-        metrics.STATS.connected_since = self.worker.connected_since
+        self.worker.mark_connected(True)
 
     def disconnected(self, proto: MsgpackProtocol) -> None:
         if self.proto is proto:
             self.proto = None
-            metrics.STATS.connected = False
+            self.worker.mark_connected(False)
         log.info("lost connection to the master")
         self.stop_all(proto)
 
