@@ -25,7 +25,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/tests"
 cp "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
 cp -r "$ROOT/csrc" "$WORK/csrc"
-cp "$ROOT/tests/test_iocore.py" "$WORK/tests/"
+cp "$ROOT/tests/test_iocore.py" "$ROOT/tests/test_iocore_pump.py" "$WORK/tests/"
 (cd "$ROOT" && find pyworker -name '*.py' -print0 | tar --null -cf - -T -) | tar -xf - -C "$WORK"
 
 cd "$WORK"
@@ -58,4 +58,4 @@ export PYWORKER_IO=c
 assert m.BACKEND == "c" and c.__file__.startswith(sys.argv[1]), c.__file__
 print("== testing", c.__file__)' "$WORK"
 
-"$PY" -m pytest -q -p no:cacheprovider --rootdir "$WORK" tests/test_iocore.py "$@"
+"$PY" -m pytest -q -p no:cacheprovider --rootdir "$WORK" tests/test_iocore.py tests/test_iocore_pump.py "$@"

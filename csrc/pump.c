@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -71,6 +72,7 @@ struct iocore_pump {
     uint8_t *in;
     size_t in_cap;
     int tty_fd, is_tty, tty_nonblock;
+    int simd; /* plain_run flavour: 1 = AVX2 */
 };
 
 static const uint8_t FFFD[3] = {0xEF, 0xBF, 0xBD};
@@ -346,23 +348,44 @@ static void chunk_end(iocore_pump *p)
 
 /* ---- the fast path: runs of plain ASCII ------------------------------------- */
 
+/* Set bits of x (SWAR: __builtin_popcountll is a libgcc call without -mpopcnt). */
+static inline int popcount64(uint64_t x)
+{
+    x = x - ((x >> 1) & UINT64_C(0x5555555555555555));
+    x = (x & UINT64_C(0x3333333333333333)) + ((x >> 2) & UINT64_C(0x3333333333333333));
+    x = (x + (x >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
+    return (int)((x * UINT64_C(0x0101010101010101)) >> 56);
+}
+
 /* Bit i of *special: byte i is \b, \r, ESC or >= 0x80; of *nl: byte i is \n. */
+#if defined(__SSE2__)
+static inline uint32_t special16(__m128i x)
+{
+    const __m128i bs = _mm_set1_epi8(0x08), cr = _mm_set1_epi8(0x0D), esc = _mm_set1_epi8(0x1B);
+    /* OR-ing x itself in sets the top bit of bytes >= 0x80 */
+    __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, bs), _mm_cmpeq_epi8(x, cr)),
+                             _mm_or_si128(_mm_cmpeq_epi8(x, esc), x));
+    return (uint32_t)_mm_movemask_epi8(m);
+}
+
+static inline uint32_t nl16(__m128i x)
+{
+    return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x0A)));
+}
+
 static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
 {
-#if defined(__SSE2__)
-    const __m128i bs = _mm_set1_epi8(0x08), cr = _mm_set1_epi8(0x0D);
-    const __m128i esc = _mm_set1_epi8(0x1B), lf = _mm_set1_epi8(0x0A);
-    uint64_t sp = 0, n = 0;
-    for (int i = 0; i < 4; i++) {
-        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(s + 16 * i));
-        __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, bs), _mm_cmpeq_epi8(x, cr)),
-                                 _mm_or_si128(_mm_cmpeq_epi8(x, esc), x));
-        sp |= (uint64_t)(uint32_t)_mm_movemask_epi8(m) << (16 * i);
-        n |= (uint64_t)(uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(x, lf)) << (16 * i);
-    }
-    *special = sp;
-    *nl = n;
+    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)s);
+    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(s + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(s + 32));
+    __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(s + 48));
+    *special = special16(a) | (uint64_t)special16(b) << 16 | (uint64_t)special16(c) << 32
+               | (uint64_t)special16(d) << 48;
+    *nl = nl16(a) | (uint64_t)nl16(b) << 16 | (uint64_t)nl16(c) << 32 | (uint64_t)nl16(d) << 48;
+}
 #else
+static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
+{
     uint64_t sp = 0, n = 0;
     for (int i = 0; i < 64; i++) {
         uint8_t b = s[i];
@@ -373,86 +396,160 @@ static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
     }
     *special = sp;
     *nl = n;
+}
+#endif
+
+/* plain_run(p, s, e): copy the plain bytes at s (ASCII other than \b, \r,
+ * ESC; \n included) to the output, 64 at a time; stop before the first other
+ * byte.  Only called in ST_NORMAL / ST_BS.  Returns the bytes consumed.  The
+ * body is instantiated per instruction set (MASKS, POPCOUNT). */
+#define PLAIN_RUN_BODY(MASKS, POPCOUNT)                                                   \
+    {                                                                                     \
+        uint8_t *out = p->out;                                                            \
+        size_t w = p->w, col = p->col, line = p->line, piece = p->piece;                  \
+        int64_t nls = 0;                                                                  \
+        const uint8_t *start = s;                                                         \
+                                                                                          \
+        while (s < e) {                                                                   \
+            size_t avail = (size_t)(e - s), n = 64;                                       \
+            uint64_t sp, nl;                                                              \
+            /* copy first (the buffer has room for 64 more bytes), check after */         \
+            if (avail >= 64) {                                                            \
+                MASKS(s, &sp, &nl);                                                       \
+                memcpy(out + w, s, 64);                                                   \
+            } else {                                                                      \
+                uint8_t tmp[64];                                                          \
+                memset(tmp, 0, sizeof tmp);                                               \
+                memcpy(tmp, s, avail);                                                    \
+                MASKS(tmp, &sp, &nl);                                                     \
+                memcpy(out + w, tmp, 64);                                                 \
+                n = avail;                                                                \
+            }                                                                             \
+            if (sp) {                                                                     \
+                size_t k = (size_t)__builtin_ctzll(sp);                                   \
+                if (k < n)                                                                \
+                    n = k;                                                                \
+            }                                                                             \
+            if (n == 0)                                                                   \
+                break;                                                                    \
+            if (n < 64)                                                                   \
+                nl &= (UINT64_C(1) << n) - 1;                                             \
+            /* with piece >= 64 only the first line of the block can need a cut */       \
+            if (piece >= 64                                                               \
+                && (!nl ? col + n <= piece : col + (size_t)__builtin_ctzll(nl) <= piece)) { \
+                if (nl) {                                                                 \
+                    size_t last = 63 - (size_t)__builtin_clzll(nl);                       \
+                    col = n - last - 1;                                                   \
+                    line = w + last + 1;                                                  \
+                    nls += POPCOUNT(nl);                                                  \
+                } else {                                                                  \
+                    col += n;                                                             \
+                }                                                                         \
+                w += n;                                                                   \
+            } else {                                                                      \
+                /* a line reaches `piece` characters in this block: cut it */             \
+                for (size_t i = 0; i < n; i++) {                                          \
+                    if (s[i] == '\n') {                                                   \
+                        out[w++] = '\n';                                                  \
+                        line = w;                                                         \
+                        col = 0;                                                          \
+                        nls++;                                                            \
+                    } else {                                                              \
+                        if (col == piece) {                                               \
+                            out[w++] = '\n';                                              \
+                            line = w;                                                     \
+                            col = 0;                                                      \
+                        }                                                                 \
+                        out[w++] = s[i];                                                  \
+                        col++;                                                            \
+                    }                                                                     \
+                }                                                                         \
+            }                                                                             \
+            s += n;                                                                       \
+            if (n < 64)                                                                   \
+                break;                                                                    \
+        }                                                                                 \
+        if (s != start) {                                                                 \
+            p->w = w;                                                                     \
+            p->col = col;                                                                 \
+            p->line = line;                                                               \
+            p->newlines += nls;                                                           \
+            p->state = ST_NORMAL;                                                         \
+        }                                                                                 \
+        return (size_t)(s - start);                                                       \
+    }
+
+static size_t plain_run_base(iocore_pump *p, const uint8_t *s, const uint8_t *e)
+    PLAIN_RUN_BODY(masks64, popcount64)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PUMP_HAVE_AVX2 1
+#include <immintrin.h>
+
+__attribute__((target("avx2"))) static inline uint32_t special32(__m256i x)
+{
+    const __m256i bs = _mm256_set1_epi8(0x08), cr = _mm256_set1_epi8(0x0D);
+    const __m256i esc = _mm256_set1_epi8(0x1B);
+    __m256i m = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x, bs), _mm256_cmpeq_epi8(x, cr)),
+                                _mm256_or_si256(_mm256_cmpeq_epi8(x, esc), x));
+    return (uint32_t)_mm256_movemask_epi8(m);
+}
+
+__attribute__((target("avx2"))) static inline uint32_t nl32(__m256i x)
+{
+    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x0A)));
+}
+
+__attribute__((target("avx2"))) static inline void masks64_avx2(const uint8_t *s,
+                                                                uint64_t *special, uint64_t *nl)
+{
+    __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)s);
+    __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(s + 32));
+    *special = special32(a) | (uint64_t)special32(b) << 32;
+    *nl = nl32(a) | (uint64_t)nl32(b) << 32;
+}
+
+__attribute__((target("avx2,popcnt,bmi,lzcnt"))) static size_t
+plain_run_avx2(iocore_pump *p, const uint8_t *s, const uint8_t *e)
+    PLAIN_RUN_BODY(masks64_avx2, __builtin_popcountll)
+#endif
+
+/* SIMD level in use for new pumps: 0 = SSE2 (or portable C), 1 = AVX2. */
+static _Atomic int simd_level = -1;
+
+static int detect_simd(void)
+{
+#ifdef PUMP_HAVE_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")
+           && __builtin_cpu_supports("bmi") ? 1 : 0;
+#else
+    return 0;
 #endif
 }
 
-/* Copy the plain bytes at s (ASCII other than \b, \r, ESC; \n included) to
- * the output, 64 at a time; stop before the first other byte.  Only called in
- * ST_NORMAL / ST_BS.  Returns the bytes consumed. */
-static size_t plain_run(iocore_pump *p, const uint8_t *s, const uint8_t *e)
+int iocore_pump_simd(int level)
 {
-    uint8_t *out = p->out;
-    size_t w = p->w, col = p->col, line = p->line, piece = p->piece;
-    int64_t nls = 0;
-    const uint8_t *start = s;
+    int best = detect_simd();
+    if (level < 0) {
+        int cur = atomic_load(&simd_level);
+        if (cur >= 0)
+            return cur;
+        level = best;
+    }
+    if (level > best)
+        level = best;
+    atomic_store(&simd_level, level);
+    return level;
+}
 
-    while (s < e) {
-        size_t avail = (size_t)(e - s), n = 64;
-        uint64_t sp, nl;
-        /* copy first (the buffer has room for 64 more bytes), check after */
-        if (avail >= 64) {
-            masks64(s, &sp, &nl);
-            memcpy(out + w, s, 64);
-        } else {
-            uint8_t tmp[64];
-            memset(tmp, 0, sizeof tmp);
-            memcpy(tmp, s, avail);
-            masks64(tmp, &sp, &nl);
-            memcpy(out + w, s, avail);
-            n = avail;
-        }
-        if (sp) {
-            size_t k = (size_t)__builtin_ctzll(sp);
-            if (k < n)
-                n = k;
-        }
-        if (n == 0)
-            break;
-        if (n < 64)
-            nl &= (UINT64_C(1) << n) - 1;
-        /* with piece >= 64 only the first line of the block can need a cut */
-        if (piece >= 64
-            && (!nl ? col + n <= piece : col + (size_t)__builtin_ctzll(nl) <= piece)) {
-            if (nl) {
-                size_t last = 63 - (size_t)__builtin_clzll(nl);
-                col = n - last - 1;
-                line = w + last + 1;
-                nls += __builtin_popcountll(nl);
-            } else {
-                col += n;
-            }
-            w += n;
-        } else {
-            /* a line reaches `piece` characters in this block: cut it */
-            for (size_t i = 0; i < n; i++) {
-                if (s[i] == '\n') {
-                    out[w++] = '\n';
-                    line = w;
-                    col = 0;
-                    nls++;
-                } else {
-                    if (col == piece) {
-                        out[w++] = '\n';
-                        line = w;
-                        col = 0;
-                    }
-                    out[w++] = s[i];
-                    col++;
-                }
-            }
-        }
-        s += n;
-        if (n < 64)
-            break;
-    }
-    if (s != start) {
-        p->w = w;
-        p->col = col;
-        p->line = line;
-        p->newlines += nls;
-        p->state = ST_NORMAL;
-    }
-    return (size_t)(s - start);
+static inline size_t plain_run(iocore_pump *p, const uint8_t *s, const uint8_t *e)
+{
+#ifdef PUMP_HAVE_AVX2
+    if (p->simd)
+        return plain_run_avx2(p, s, e);
+#endif
+    return plain_run_base(p, s, e);
 }
 
 /* ---- one chunk ---------------------------------------------------------------- */
@@ -627,6 +724,7 @@ int iocore_pump_new(int out_fd, int kind, int channel, int64_t max_line_length,
     p->kind = kind;
     p->channel = channel;
     p->tty_fd = -1;
+    p->simd = iocore_pump_simd(-1);
     *out = p;
     return 0;
 }

@@ -64,5 +64,9 @@ int64_t iocore_pump_newlines(const iocore_pump *pump);
 int64_t iocore_pump_pending(const iocore_pump *pump);
 /* Characters of the unfinished tail (always < max_line_length). */
 int64_t iocore_pump_tail_chars(const iocore_pump *pump);
+/* SIMD flavour of the plain-text scan for pumps created from now on:
+ * level < 0 queries (the best one the CPU has, unless set), 0 = SSE2 /
+ * portable C, 1 = AVX2; returns the level in effect (capped by the CPU). */
+int iocore_pump_simd(int level);
 
 #endif

@@ -57,18 +57,27 @@ def _backend_params() -> list[Any]:
     only = os.environ.get("PYWORKER_IO")
     params = []
     if only != "python":
-        params.append(
-            pytest.param("c", marks=pytest.mark.skipif(_c is None, reason="C core not built"))
-        )
+        no_c = pytest.mark.skipif(_c is None, reason="C core not built")
+        params.append(pytest.param("c", marks=no_c))
+        params.append(pytest.param("c-sse2", marks=no_c))  # the scan without AVX2
     if only != "c":
         params.append("python")
     return params
 
 
 @pytest.fixture(params=_backend_params())
-def twin(request: pytest.FixtureRequest) -> ModuleType:
+def twin(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
     """The twin module under test (pyworker.iocore._c or ._python)."""
-    return _c if request.param == "c" else _python
+    if request.param == "python":
+        yield _python
+        return
+    saved = _c._pump_simd()
+    if request.param == "c-sse2":
+        _c._pump_simd(0)
+    try:
+        yield _c
+    finally:
+        _c._pump_simd(saved)
 
 
 def _twins() -> list[ModuleType]:

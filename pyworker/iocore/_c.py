@@ -163,6 +163,14 @@ _DISCARD = int(_lib.IOCORE_PUMP_DISCARD)
 _EAGAIN = int(_lib.IOCORE_PUMP_EAGAIN)
 
 
+def _pump_simd(level: int | None = None) -> int:
+    """Query (None) or set (0 = SSE2/portable, 1 = AVX2) the plain-text scan of new pumps.
+
+    For tests and benchmarks; the level in effect is returned (capped by the CPU).
+    """
+    return int(_lib.iocore_pump_simd(-1 if level is None else level))
+
+
 def _check_max_bytes(max_bytes: int) -> None:
     if not 1 <= max_bytes <= PUMP_MAX_READ:
         raise ValueError(f"max_bytes must be in 1..{PUMP_MAX_READ}")
