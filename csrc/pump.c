@@ -466,6 +466,15 @@ static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
                 }                                                                         \
             }                                                                             \
             s += n;                                                                       \
+            /* \r\n (PTY output): one newline, one count; stay in the fast loop */          \
+            if (n < avail && s[0] == '\r' && n + 1 < avail && s[1] == '\n') {              \
+                out[w++] = '\n';                                                          \
+                line = w;                                                                 \
+                col = 0;                                                                  \
+                nls++;                                                                    \
+                s += 2;                                                                   \
+                continue;                                                                 \
+            }                                                                             \
             if (n < 64)                                                                   \
                 break;                                                                    \
         }                                                                                 \
@@ -552,6 +561,61 @@ static inline size_t plain_run(iocore_pump *p, const uint8_t *s, const uint8_t *
     return plain_run_base(p, s, e);
 }
 
+/* Text with non-ASCII characters, in ST_NORMAL / ST_BS: copy valid UTF-8
+ * characters and plain ASCII one by one; stop before \b, \r, ESC, an invalid
+ * or incomplete sequence, a character that needs a cut, or after 16 ASCII
+ * bytes in a row (the SIMD scan is faster there).  Returns the bytes consumed. */
+static size_t text_run(iocore_pump *p, const uint8_t *s, const uint8_t *e)
+{
+    uint8_t *out = p->out;
+    size_t w = p->w, col = p->col, line = p->line, piece = p->piece, ascii = 0;
+    int64_t nls = 0;
+    const uint8_t *start = s;
+    int bad, c;
+
+    while (s < e) {
+        uint8_t b = *s;
+        if (b < 0x80) {
+            if (b == '\n') {
+                out[w++] = '\n';
+                line = w;
+                col = 0;
+                nls++;
+            } else {
+                if (b == 0x08 || b == 0x0D || b == 0x1B || col == piece)
+                    break;
+                out[w++] = b;
+                col++;
+            }
+            s++;
+            if (++ascii >= 16)
+                break;
+            continue;
+        }
+        c = utf8_char(s, e, 0, &bad);
+        if (c == 0 || bad || col == piece)
+            break;
+        out[w] = b;
+        out[w + 1] = s[1];
+        if (c > 2)
+            out[w + 2] = s[2];
+        if (c > 3)
+            out[w + 3] = s[3];
+        w += (size_t)c;
+        s += c;
+        col++;
+        ascii = 0;
+    }
+    if (s != start) {
+        p->w = w;
+        p->col = col;
+        p->line = line;
+        p->newlines += nls;
+        p->state = ST_NORMAL;
+    }
+    return (size_t)(s - start);
+}
+
 /* ---- one chunk ---------------------------------------------------------------- */
 
 static void process(iocore_pump *p, const uint8_t *s, size_t len)
@@ -586,10 +650,20 @@ static void process(iocore_pump *p, const uint8_t *s, size_t len)
         }
     }
     while (s < e) {
-        if (p->state <= ST_BS && *s < 0x80) {
-            s += plain_run(p, s, e);
-            if (s >= e)
-                break;
+        if (p->state <= ST_BS) {
+            if (*s < 0x80) {
+                s += plain_run(p, s, e);
+                if (s >= e)
+                    break;
+            }
+            if (*s >= 0x80) {
+                s += text_run(p, s, e);
+                if (s >= e)
+                    break;
+                if (p->state == ST_NORMAL && *s < 0x80 && *s != 0x08 && *s != 0x0D
+                    && *s != 0x1B && p->col < p->piece)
+                    continue; /* plain ASCII follows: back to the SIMD scan */
+            }
         }
         if (*s < 0x80) {
             step_ascii(p, *s++);
