@@ -357,117 +357,197 @@ static inline int popcount64(uint64_t x)
     return (int)((x * UINT64_C(0x0101010101010101)) >> 56);
 }
 
-/* Bit i of *special: byte i is \b, \r, ESC or >= 0x80; of *nl: byte i is \n. */
+/* Per 64-byte block, bit i describes byte i.  sp: \b, \r, ESC or >= 0x80;
+ * nl: \n.  Only for blocks with sp bits: hi: >= 0x80; cont: 80..BF; l2: C2..DF (a
+ * 2-byte character); l3: E1..EC, EE, EF (a 3-byte character whose second byte
+ * may be any continuation byte).  Other non-ASCII bytes (C0, C1, E0, ED,
+ * F0..FF) are left to the scalar decoder. */
+typedef struct {
+    uint64_t sp, nl;
+} block_masks;
+
+typedef struct {
+    uint64_t hi, cont, l2, l3;
+} utf8_masks;
+
 #if defined(__SSE2__)
-static inline uint32_t special16(__m128i x)
+#define M16(v) ((uint64_t)(uint32_t)_mm_movemask_epi8(v))
+
+static inline void masks16(__m128i x, int shift, block_masks *m)
 {
-    const __m128i bs = _mm_set1_epi8(0x08), cr = _mm_set1_epi8(0x0D), esc = _mm_set1_epi8(0x1B);
     /* OR-ing x itself in sets the top bit of bytes >= 0x80 */
-    __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, bs), _mm_cmpeq_epi8(x, cr)),
-                             _mm_or_si128(_mm_cmpeq_epi8(x, esc), x));
-    return (uint32_t)_mm_movemask_epi8(m);
+    __m128i sp = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x08)),
+                                           _mm_cmpeq_epi8(x, _mm_set1_epi8(0x0D))),
+                              _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x1B)), x));
+    m->sp |= M16(sp) << shift;
+    m->nl |= M16(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x0A))) << shift;
 }
 
-static inline uint32_t nl16(__m128i x)
+static inline void utf8_16(__m128i x, int shift, utf8_masks *u)
 {
-    return (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(x, _mm_set1_epi8(0x0A)));
+    /* signed bytes: 80..BF = -128..-65, C2..DF = -62..-33, E1..EF = -31..-17 */
+    __m128i cont = _mm_cmpgt_epi8(_mm_set1_epi8(-64), x);
+    u->hi |= M16(x) << shift;
+    __m128i l2 = _mm_and_si128(_mm_cmpgt_epi8(x, _mm_set1_epi8(-63)),
+                               _mm_cmpgt_epi8(_mm_set1_epi8(-32), x));
+    __m128i l3 = _mm_andnot_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(-19)),
+                                  _mm_and_si128(_mm_cmpgt_epi8(x, _mm_set1_epi8(-32)),
+                                                _mm_cmpgt_epi8(_mm_set1_epi8(-16), x)));
+    u->cont |= M16(cont) << shift;
+    u->l2 |= M16(l2) << shift;
+    u->l3 |= M16(l3) << shift;
 }
 
-static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
+#define LOAD16(s, i) _mm_loadu_si128((const __m128i *)(const void *)((s) + 16 * (i)))
+
+#define STORE16(d, i, v) _mm_storeu_si128((__m128i *)(void *)((d) + 16 * (i)), v)
+
+/* The masks of s[0..64), which is also copied to d. */
+static inline void masks64(const uint8_t *s, uint8_t *d, block_masks *m)
 {
-    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)s);
-    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(s + 16));
-    __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(s + 32));
-    __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(s + 48));
-    *special = special16(a) | (uint64_t)special16(b) << 16 | (uint64_t)special16(c) << 32
-               | (uint64_t)special16(d) << 48;
-    *nl = nl16(a) | (uint64_t)nl16(b) << 16 | (uint64_t)nl16(c) << 32 | (uint64_t)nl16(d) << 48;
+    __m128i a = LOAD16(s, 0), b = LOAD16(s, 1), c = LOAD16(s, 2), e = LOAD16(s, 3);
+    m->sp = m->nl = 0;
+    masks16(a, 0, m);
+    masks16(b, 16, m);
+    masks16(c, 32, m);
+    masks16(e, 48, m);
+    STORE16(d, 0, a);
+    STORE16(d, 1, b);
+    STORE16(d, 2, c);
+    STORE16(d, 3, e);
+}
+
+static inline void utf8_64(const uint8_t *s, utf8_masks *u)
+{
+    u->cont = u->l2 = u->l3 = u->hi = 0;
+    utf8_16(LOAD16(s, 0), 0, u);
+    utf8_16(LOAD16(s, 1), 16, u);
+    utf8_16(LOAD16(s, 2), 32, u);
+    utf8_16(LOAD16(s, 3), 48, u);
 }
 #else
-static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
+static inline void masks64(const uint8_t *s, uint8_t *d, block_masks *m)
 {
-    uint64_t sp = 0, n = 0;
+    memcpy(d, s, 64);
+    m->sp = m->nl = 0;
     for (int i = 0; i < 64; i++) {
         uint8_t b = s[i];
+        uint64_t bit = UINT64_C(1) << i;
         if (b == 0x08 || b == 0x0D || b == 0x1B || b >= 0x80)
-            sp |= UINT64_C(1) << i;
+            m->sp |= bit;
         if (b == 0x0A)
-            n |= UINT64_C(1) << i;
+            m->nl |= bit;
     }
-    *special = sp;
-    *nl = n;
+}
+
+static inline void utf8_64(const uint8_t *s, utf8_masks *u)
+{
+    u->cont = u->l2 = u->l3 = u->hi = 0;
+    for (int i = 0; i < 64; i++) {
+        uint8_t b = s[i];
+        uint64_t bit = UINT64_C(1) << i;
+        if (b >= 0x80)
+            u->hi |= bit;
+        if (b >= 0x80 && b <= 0xBF)
+            u->cont |= bit;
+        if (b >= 0xC2 && b <= 0xDF)
+            u->l2 |= bit;
+        if (b >= 0xE1 && b <= 0xEF && b != 0xED)
+            u->l3 |= bit;
+    }
 }
 #endif
 
-/* plain_run(p, s, e): copy the plain bytes at s (ASCII other than \b, \r,
- * ESC; \n included) to the output, 64 at a time; stop before the first other
- * byte.  Only called in ST_NORMAL / ST_BS.  Returns the bytes consumed.  The
- * body is instantiated per instruction set (MASKS, POPCOUNT). */
-#define PLAIN_RUN_BODY(MASKS, POPCOUNT)                                                   \
+static inline uint64_t low_bits(size_t n)
+{
+    return n >= 64 ? ~UINT64_C(0) : (UINT64_C(1) << n) - 1;
+}
+
+/* plain_run(p, s, e): copy text at s that needs no decision (ASCII other than
+ * \b, \r, ESC, \n included, and 2- and 3-byte characters that are valid
+ * whatever follows) to the output, 64 bytes at a time, plus \r\n pairs; stop
+ * before anything else.  Only called in ST_NORMAL / ST_BS, at a character
+ * boundary.  Returns the bytes consumed.  The body is instantiated per
+ * instruction set (MASKS, UTF8, POPCOUNT). */
+#define PLAIN_RUN_BODY(MASKS, UTF8, POPCOUNT)                                             \
     {                                                                                     \
         uint8_t *out = p->out;                                                            \
         size_t w = p->w, col = p->col, line = p->line, piece = p->piece;                  \
         int64_t nls = 0;                                                                  \
         const uint8_t *start = s;                                                         \
                                                                                           \
-        while (s < e) {                                                                   \
+        while (e - s >= 64) {                                                             \
             size_t avail = (size_t)(e - s), n = 64;                                       \
-            uint64_t sp, nl;                                                              \
-            /* copy first (the buffer has room for 64 more bytes), check after */         \
-            if (avail >= 64) {                                                            \
-                MASKS(s, &sp, &nl);                                                       \
-                memcpy(out + w, s, 64);                                                   \
-            } else {                                                                      \
-                uint8_t tmp[64];                                                          \
-                memset(tmp, 0, sizeof tmp);                                               \
-                memcpy(tmp, s, avail);                                                    \
-                MASKS(tmp, &sp, &nl);                                                     \
-                memcpy(out + w, tmp, 64);                                                 \
-                n = avail;                                                                \
-            }                                                                             \
-            if (sp) {                                                                     \
-                size_t k = (size_t)__builtin_ctzll(sp);                                   \
+            block_masks m;                                                                \
+            uint64_t bad, cont = 0, nl;                                                   \
+            size_t k;                                                                     \
+            /* copied as a whole (the buffer has room for 64 more bytes), checked after */ \
+            MASKS(s, out + w, &m);                                                        \
+            bad = m.sp;                                                                   \
+            k = bad ? (size_t)__builtin_ctzll(bad) : 64;                                  \
+            if (k < 64 && s[k] >= 0x80) {                                                 \
+                /* non-ASCII before any \b \r ESC: which characters can go as they are */ \
+                utf8_masks u;                                                             \
+                UTF8(s, &u);                                                              \
+                uint64_t lead = u.l2 | u.l3;                                              \
+                /* \b \r ESC, other bytes >= 0x80, continuations where none / one is due */ \
+                bad = (m.sp & ~u.hi) | (u.hi & ~(u.cont | lead))                          \
+                      | (u.cont ^ (lead << 1 | u.l3 << 2));                               \
+                k = bad ? (size_t)__builtin_ctzll(bad) : 64;                              \
                 if (k < n)                                                                \
                     n = k;                                                                \
+                /* no character may straddle the end */                                   \
+                if (n && (lead >> (n - 1) & 1))                                           \
+                    n--;                                                                  \
+                else if (n >= 2 && (u.l3 >> (n - 2) & 1))                                 \
+                    n -= 2;                                                               \
+                cont = u.cont & low_bits(n);                                              \
+            } else if (k < n) {                                                           \
+                n = k;                                                                    \
             }                                                                             \
             if (n == 0)                                                                   \
                 break;                                                                    \
-            if (n < 64)                                                                   \
-                nl &= (UINT64_C(1) << n) - 1;                                             \
+            nl = m.nl & low_bits(n);                                                      \
+            size_t first = nl ? (size_t)__builtin_ctzll(nl) : n;                          \
+            size_t first_chars = first - (cont ? (size_t)POPCOUNT(cont & low_bits(first)) : 0); \
             /* with piece >= 64 only the first line of the block can need a cut */       \
-            if (piece >= 64                                                               \
-                && (!nl ? col + n <= piece : col + (size_t)__builtin_ctzll(nl) <= piece)) { \
+            if (piece >= 64 && col + first_chars <= piece) {                              \
                 if (nl) {                                                                 \
                     size_t last = 63 - (size_t)__builtin_clzll(nl);                       \
                     col = n - last - 1;                                                   \
+                    if (cont && last < 63)                                                \
+                        col -= (size_t)POPCOUNT(cont >> (last + 1));                      \
                     line = w + last + 1;                                                  \
                     nls += POPCOUNT(nl);                                                  \
                 } else {                                                                  \
-                    col += n;                                                             \
+                    col += first_chars;                                                   \
                 }                                                                         \
                 w += n;                                                                   \
             } else {                                                                      \
                 /* a line reaches `piece` characters in this block: cut it */             \
                 for (size_t i = 0; i < n; i++) {                                          \
-                    if (s[i] == '\n') {                                                   \
+                    uint8_t b = s[i];                                                     \
+                    if (b == '\n') {                                                      \
                         out[w++] = '\n';                                                  \
                         line = w;                                                         \
                         col = 0;                                                          \
                         nls++;                                                            \
+                    } else if ((b & 0xC0) == 0x80) {                                      \
+                        out[w++] = b;                                                     \
                     } else {                                                              \
                         if (col == piece) {                                               \
                             out[w++] = '\n';                                              \
                             line = w;                                                     \
                             col = 0;                                                      \
                         }                                                                 \
-                        out[w++] = s[i];                                                  \
+                        out[w++] = b;                                                     \
                         col++;                                                            \
                     }                                                                     \
                 }                                                                         \
             }                                                                             \
             s += n;                                                                       \
-            /* \r\n (PTY output): one newline, one count; stay in the fast loop */          \
-            if (n < avail && s[0] == '\r' && n + 1 < avail && s[1] == '\n') {              \
+            /* \r\n (PTY output): one newline, one count; stay in the fast loop */        \
+            if (n < avail && s[0] == '\r' && n + 1 < avail && s[1] == '\n') {             \
                 out[w++] = '\n';                                                          \
                 line = w;                                                                 \
                 col = 0;                                                                  \
@@ -475,9 +555,31 @@ static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
                 s += 2;                                                                   \
                 continue;                                                                 \
             }                                                                             \
-            if (n < 64)                                                                   \
-                break;                                                                    \
+            /* go on unless stopped by a byte to decide on */                            \
+            if (k < 64)                                                                   \
+                goto done;                                                                \
         }                                                                                 \
+        /* the last bytes, one by one: plain ASCII only */                                \
+        for (; s < e; s++) {                                                              \
+            uint8_t b = *s;                                                               \
+            if (b == '\n') {                                                              \
+                out[w++] = '\n';                                                          \
+                line = w;                                                                 \
+                col = 0;                                                                  \
+                nls++;                                                                    \
+            } else {                                                                      \
+                if (b >= 0x80 || b == 0x08 || b == 0x0D || b == 0x1B)                    \
+                    break;                                                                \
+                if (col == piece) {                                                       \
+                    out[w++] = '\n';                                                      \
+                    line = w;                                                             \
+                    col = 0;                                                              \
+                }                                                                         \
+                out[w++] = b;                                                             \
+                col++;                                                                    \
+            }                                                                             \
+        }                                                                                 \
+    done:                                                                                 \
         if (s != start) {                                                                 \
             p->w = w;                                                                     \
             p->col = col;                                                                 \
@@ -489,38 +591,62 @@ static inline void masks64(const uint8_t *s, uint64_t *special, uint64_t *nl)
     }
 
 static size_t plain_run_base(iocore_pump *p, const uint8_t *s, const uint8_t *e)
-    PLAIN_RUN_BODY(masks64, popcount64)
+    PLAIN_RUN_BODY(masks64, utf8_64, popcount64)
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PUMP_HAVE_AVX2 1
 #include <immintrin.h>
 
-__attribute__((target("avx2"))) static inline uint32_t special32(__m256i x)
+#define M32(v) ((uint64_t)(uint32_t)_mm256_movemask_epi8(v))
+#define LOAD32(s, i) _mm256_loadu_si256((const __m256i *)(const void *)((s) + 32 * (i)))
+
+__attribute__((target("avx2"))) static inline void masks32_avx2(__m256i x, int shift,
+                                                                block_masks *m)
 {
-    const __m256i bs = _mm256_set1_epi8(0x08), cr = _mm256_set1_epi8(0x0D);
-    const __m256i esc = _mm256_set1_epi8(0x1B);
-    __m256i m = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x, bs), _mm256_cmpeq_epi8(x, cr)),
-                                _mm256_or_si256(_mm256_cmpeq_epi8(x, esc), x));
-    return (uint32_t)_mm256_movemask_epi8(m);
+    __m256i sp = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x08)),
+                                                 _mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x0D))),
+                                 _mm256_or_si256(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x1B)), x));
+    m->sp |= M32(sp) << shift;
+    m->nl |= M32(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x0A))) << shift;
 }
 
-__attribute__((target("avx2"))) static inline uint32_t nl32(__m256i x)
+__attribute__((target("avx2"))) static inline void utf8_32_avx2(__m256i x, int shift,
+                                                                utf8_masks *u)
 {
-    return (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(0x0A)));
+    __m256i cont = _mm256_cmpgt_epi8(_mm256_set1_epi8(-64), x);
+    u->hi |= M32(x) << shift;
+    __m256i l2 = _mm256_and_si256(_mm256_cmpgt_epi8(x, _mm256_set1_epi8(-63)),
+                                  _mm256_cmpgt_epi8(_mm256_set1_epi8(-32), x));
+    __m256i l3 = _mm256_andnot_si256(_mm256_cmpeq_epi8(x, _mm256_set1_epi8(-19)),
+                                     _mm256_and_si256(_mm256_cmpgt_epi8(x, _mm256_set1_epi8(-32)),
+                                                      _mm256_cmpgt_epi8(_mm256_set1_epi8(-16), x)));
+    u->cont |= M32(cont) << shift;
+    u->l2 |= M32(l2) << shift;
+    u->l3 |= M32(l3) << shift;
 }
 
-__attribute__((target("avx2"))) static inline void masks64_avx2(const uint8_t *s,
-                                                                uint64_t *special, uint64_t *nl)
+__attribute__((target("avx2"))) static inline void masks64_avx2(const uint8_t *s, uint8_t *d,
+                                                                block_masks *m)
 {
-    __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)s);
-    __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(s + 32));
-    *special = special32(a) | (uint64_t)special32(b) << 32;
-    *nl = nl32(a) | (uint64_t)nl32(b) << 32;
+    __m256i a = LOAD32(s, 0), b = LOAD32(s, 1);
+    m->sp = m->nl = 0;
+    masks32_avx2(a, 0, m);
+    masks32_avx2(b, 32, m);
+    _mm256_storeu_si256((__m256i *)(void *)d, a);
+    _mm256_storeu_si256((__m256i *)(void *)(d + 32), b);
+}
+
+__attribute__((target("avx2"))) static inline void utf8_64_avx2(const uint8_t *s,
+                                                                utf8_masks *u)
+{
+    u->cont = u->l2 = u->l3 = u->hi = 0;
+    utf8_32_avx2(LOAD32(s, 0), 0, u);
+    utf8_32_avx2(LOAD32(s, 1), 32, u);
 }
 
 __attribute__((target("avx2,popcnt,bmi,lzcnt"))) static size_t
 plain_run_avx2(iocore_pump *p, const uint8_t *s, const uint8_t *e)
-    PLAIN_RUN_BODY(masks64_avx2, __builtin_popcountll)
+    PLAIN_RUN_BODY(masks64_avx2, utf8_64_avx2, __builtin_popcountll)
 #endif
 
 /* SIMD level in use for new pumps: 0 = SSE2 (or portable C), 1 = AVX2. */
@@ -561,41 +687,22 @@ static inline size_t plain_run(iocore_pump *p, const uint8_t *s, const uint8_t *
     return plain_run_base(p, s, e);
 }
 
-/* Text with non-ASCII characters, in ST_NORMAL / ST_BS: copy valid UTF-8
- * characters and plain ASCII one by one; stop before \b, \r, ESC, an invalid
- * or incomplete sequence, a character that needs a cut, or after 16 ASCII
- * bytes in a row (the SIMD scan is faster there).  Returns the bytes consumed. */
+/* Non-ASCII characters that plain_run leaves (4-byte, E0/ED leads, invalid
+ * bytes are not taken here either), in ST_NORMAL / ST_BS: copy valid UTF-8
+ * characters one by one; stop at ASCII, an invalid or incomplete sequence,
+ * or a character that needs a cut.  Returns the bytes consumed. */
 static size_t text_run(iocore_pump *p, const uint8_t *s, const uint8_t *e)
 {
     uint8_t *out = p->out;
-    size_t w = p->w, col = p->col, line = p->line, piece = p->piece, ascii = 0;
-    int64_t nls = 0;
+    size_t w = p->w, col = p->col, piece = p->piece;
     const uint8_t *start = s;
     int bad, c;
 
-    while (s < e) {
-        uint8_t b = *s;
-        if (b < 0x80) {
-            if (b == '\n') {
-                out[w++] = '\n';
-                line = w;
-                col = 0;
-                nls++;
-            } else {
-                if (b == 0x08 || b == 0x0D || b == 0x1B || col == piece)
-                    break;
-                out[w++] = b;
-                col++;
-            }
-            s++;
-            if (++ascii >= 16)
-                break;
-            continue;
-        }
+    while (s < e && *s >= 0x80 && col < piece) {
         c = utf8_char(s, e, 0, &bad);
-        if (c == 0 || bad || col == piece)
+        if (c == 0 || bad)
             break;
-        out[w] = b;
+        out[w] = s[0];
         out[w + 1] = s[1];
         if (c > 2)
             out[w + 2] = s[2];
@@ -604,13 +711,10 @@ static size_t text_run(iocore_pump *p, const uint8_t *s, const uint8_t *e)
         w += (size_t)c;
         s += c;
         col++;
-        ascii = 0;
     }
     if (s != start) {
         p->w = w;
         p->col = col;
-        p->line = line;
-        p->newlines += nls;
         p->state = ST_NORMAL;
     }
     return (size_t)(s - start);
@@ -651,18 +755,15 @@ static void process(iocore_pump *p, const uint8_t *s, size_t len)
     }
     while (s < e) {
         if (p->state <= ST_BS) {
-            if (*s < 0x80) {
-                s += plain_run(p, s, e);
-                if (s >= e)
-                    break;
-            }
+            s += plain_run(p, s, e);
+            if (s >= e)
+                break;
             if (*s >= 0x80) {
-                s += text_run(p, s, e);
-                if (s >= e)
-                    break;
-                if (p->state == ST_NORMAL && *s < 0x80 && *s != 0x08 && *s != 0x0D
-                    && *s != 0x1B && p->col < p->piece)
-                    continue; /* plain ASCII follows: back to the SIMD scan */
+                size_t k = text_run(p, s, e);
+                if (k) {
+                    s += k;
+                    continue;
+                }
             }
         }
         if (*s < 0x80) {
