@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyworker
 from pyworker.iocore import _python
 
 try:
@@ -189,7 +190,9 @@ def _run_py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
         env=e,
         capture_output=True,
         text=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        # where this test imported pyworker from (the installed package in CI): the
+        # source tree has no compiled core in a fresh clone
+        cwd=str(Path(pyworker.__file__).resolve().parent.parent),
         timeout=60,
     )
 
