@@ -53,6 +53,9 @@ class Channel:
         self._decoder = wire.FrameDecoder()
         self._inbox: deque[tuple[int, int, bytes]] = deque()
         self._splitters: dict[str, LineSplitter] = {}
+        #: Process output streams: decoded, split and framed by the I/O core, written
+        #: straight to our event pipe.
+        self._pumps: dict[str, Any] = {}
         self.interrupt_reason: str | None = None
         #: Set by :meth:`interrupted_hook` owners: called when an ``INTERRUPT`` arrives.
         self.on_interrupt: Any = None
@@ -88,6 +91,17 @@ class Channel:
         if lines:
             self.write(wire.frame(wire.TEXT, lines.encode("utf-8"), wire.CHANNEL_OF[key]))
 
+    def pump(self, key: str, count_lines: bool = False) -> Any:
+        """The :class:`pyworker.iocore.StreamPump` of stream ``key`` for this command."""
+        pump = self._pumps.get(key)
+        if pump is None:
+            from pyworker import iocore
+
+            pump = self._pumps[key] = iocore.StreamPump(
+                self.wfd, wire.CHANNEL_OF[key], count_lines=count_lines
+            )
+        return pump
+
     def log(self, name: str, text: str, force: bool = False) -> None:
         """Send text of a watched logfile through the splitter for that log name."""
         if not (self.running or force) or not text:
@@ -100,15 +114,23 @@ class Channel:
             self.write(wire.value_frame(wire.LOG, (name, lines)))
 
     def finish(self, failure: str | None) -> None:
-        """Flush the unfinished lines of every stream and send ``COMPLETE``."""
-        for key in sorted(self._splitters, key=lambda k: k.removeprefix("log:")):
-            tail = self._splitters[key].flush()
-            if tail and self.running:
+        """Flush the unfinished lines of every stream (sorted by name, as the reference) and
+        send ``COMPLETE``."""
+        keys = set(self._splitters) | set(self._pumps)
+        for key in sorted(keys, key=lambda k: k.removeprefix("log:")):
+            splitter = self._splitters.get(key)
+            tail = splitter.flush() if splitter is not None else ""
+            if tail:  # flushed after an interrupt too, as the reference's completion does
                 if key.startswith("log:"):
                     self.write(wire.value_frame(wire.LOG, (key[4:], tail)))
                 else:
                     self.write(wire.frame(wire.TEXT, tail.encode("utf-8"), wire.CHANNEL_OF[key]))
+            pump = self._pumps.get(key)
+            if pump is not None:
+                pump.flush()
+                pump.close()
         self._splitters.clear()
+        self._pumps.clear()
         self.write(wire.value_frame(wire.COMPLETE, failure))
 
     # -- reading -------------------------------------------------------------------------
@@ -161,6 +183,9 @@ class Channel:
     def reset(self) -> None:
         self._inbox.clear()
         self._splitters.clear()
+        for pump in self._pumps.values():
+            pump.close()
+        self._pumps.clear()
         self.interrupt_reason = None
         self.on_interrupt = None
         self.running = True

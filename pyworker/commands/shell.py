@@ -11,7 +11,6 @@ even daemonised grandchildren come back to it).
 from __future__ import annotations
 
 import codecs
-import errno
 import fcntl
 import os
 import pty
@@ -26,7 +25,6 @@ from typing import Any
 
 from pyworker.commands.base import Command
 from pyworker.executor import Channel, CommandError, kill_descendants, reap_children
-from pyworker.lines import LINE_COUNT_RE
 
 READ_SIZE = 256 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -321,8 +319,8 @@ class ProcessRunner:
         assert proc is not None
         channel = self.channel
         pidfd = os.pidfd_open(proc.pid)
-        new_decoder = codecs.getincrementaldecoder("utf-8")
-        decoders = {key: new_decoder(errors="replace") for _, key in streams}
+        counting = self.max_lines is not None
+        pumps = {key: channel.pump(key, count_lines=counting) for _, key in streams}
         open_fds = {fd: key for fd, key in streams}
         stdin_view = memoryview(self.stdin_data or b"") if stdin_fd is not None else None
         poller = select.poll()
@@ -389,42 +387,30 @@ class ProcessRunner:
                 for fd, event in events:
                     if fd in open_fds:
                         key = open_fds[fd]
-                        try:
-                            data = os.read(fd, READ_SIZE)
-                        except BlockingIOError:
-                            continue
-                        except OSError as e:
-                            if e.errno != errno.EIO:  # EIO: the PTY's last writer closed
-                                raise
-                            data = b""
-                        if data and self.use_pty:
-                            data = _read_more(fd, data)
-                        if not data:
+                        n = self._read(pumps[key], fd, key, kill)
+                        if n < 0:
+                            continue  # EAGAIN
+                        if n == 0:
                             poller.unregister(fd)
                             del open_fds[fd]
-                            tail = decoders[key].decode(b"", final=True)
-                            if tail:
-                                self._output(key, tail)
+                            if self._wanted(key):
+                                pumps[key].eof()
                             if self.use_pty:
                                 os.close(fd)
                             continue
                         if io_deadline is not None:
                             io_deadline = time.monotonic() + self.timeout  # type: ignore[operator]
-                        text = decoders[key].decode(data)
-                        if text and self._count_lines(key, text):
-                            channel.update([("failure_reason", "max_lines_failure")], force=True)
-                            kill(
-                                f"command exceeds max lines: {self.line_count}/{self.max_lines} "
-                                f"written/allowed running {self.fake}"
-                            )
-                        if text:
-                            self._output(key, text)
                     elif fd == pidfd:
                         poller.unregister(pidfd)
                         exited = True
                         if self.use_pty:
                             # Nobody else may hold the terminal: do not wait for an EOF.
-                            self._drain_pty(open_fds, decoders)
+                            for pty_fd, key in list(open_fds.items()):
+                                try:
+                                    while self._read(pumps[key], pty_fd, key, kill) > 0:
+                                        pass
+                                except OSError:
+                                    pass
                             close_streams()
                     elif fd == channel.rfd:
                         channel.fill()
@@ -538,32 +524,29 @@ class ProcessRunner:
                 self._logfile_activity = True
                 self.channel.log(w.name, text, force=True)
 
-    def _drain_pty(self, open_fds: dict[int, str], decoders: dict[str, Any]) -> None:
-        for fd, key in list(open_fds.items()):
-            while True:
-                try:
-                    data = os.read(fd, READ_SIZE)
-                except (BlockingIOError, OSError):
-                    break
-                if not data:
-                    break
-                text = decoders[key].decode(data)
-                if text:
-                    self._output(key, text)
-
     def _wanted(self, key: str) -> bool:
         return self.send_stdout if key == "stdout" else self.send_stderr
 
-    def _count_lines(self, key: str, text: str) -> bool:
-        """Count lines for ``max_lines``; True when this text crosses the limit."""
-        if self.max_lines is None or self.killed or not self._wanted(key):
-            return False
-        self.line_count += len(LINE_COUNT_RE.findall(text))
-        return self.line_count > self.max_lines
+    def _read(self, pump: Any, fd: int, key: str, kill: Any) -> int:
+        """One read of a stream through its pump: bytes read, 0 at EOF, -1 if none ready.
 
-    def _output(self, key: str, text: str) -> None:
-        if self._wanted(key):
-            self.channel.text(key, text, force=True)
+        With ``max_lines`` the frame is held until the lines are counted: the chunk that
+        crosses the limit reaches the master after the kill header, as the reference's.
+        """
+        if not self._wanted(key):
+            return int(pump.discard_from(fd, READ_SIZE))
+        counting = self.max_lines is not None and not self.killed
+        n = int(pump.read_from(fd, READ_SIZE, send=not counting))
+        if counting and n > 0:
+            self.line_count += pump.last_newlines
+            if self.line_count > self.max_lines:  # type: ignore[operator]
+                self.channel.update([("failure_reason", "max_lines_failure")], force=True)
+                kill(
+                    f"command exceeds max lines: {self.line_count}/{self.max_lines} "
+                    f"written/allowed running {self.fake}"
+                )
+            pump.send()
+        return n
 
     def _signal(self, signum: int) -> None:
         """Signal the command's process group (its pgid is its pid), else the process."""
@@ -584,22 +567,6 @@ class ProcessRunner:
         if self.killed:
             kill_descendants()
         reap_children()
-
-
-def _read_more(fd: int, data: bytes) -> bytes:
-    """A PTY hands out 4 KiB per read: gather what is ready, so frames stay large."""
-    parts = [data]
-    size = len(data)
-    while size < READ_SIZE:
-        try:
-            more = os.read(fd, READ_SIZE - size)
-        except OSError:  # EAGAIN: nothing more now; EIO: the next poll will see the end
-            break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return b"".join(parts) if len(parts) > 1 else data
 
 
 def _take_controlling_tty() -> None:
