@@ -30,7 +30,14 @@ from pyworker.lines import LineSplitter
 
 
 class FrontEndGone(Exception):
-    """Our stdin reached EOF: the front end has closed the pipe or died."""
+    """Our stdin reached EOF or the parent-death SIGTERM came: the front end is gone."""
+
+    @classmethod
+    def now(cls) -> FrontEndGone:
+        # The other signal of the same event (EOF and SIGTERM both come) must not abort the
+        # clean-up that this one starts.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return cls()
 
 
 class CommandError(Exception):
@@ -142,7 +149,7 @@ class Channel:
         except InterruptedError:
             return
         if not data:
-            raise FrontEndGone()
+            raise FrontEndGone.now()
         for item in self._decoder.feed(data):
             if item[0] == wire.INTERRUPT:
                 self._interrupt(marshal.loads(item[2]))
@@ -191,41 +198,57 @@ class Channel:
         self.running = True
 
 
+def prctl(option: int, value: int) -> bool:
+    """Linux ``prctl(option, value)``; False where it is not available."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
 def _set_process_options() -> None:
-    """Linux only: die with the front end, and adopt the command's orphaned descendants.
+    """Die with the front end, and adopt the command's orphaned descendants.
 
     As a child subreaper, processes that a command daemonised come back to us instead of to
     init, so a kill can find and end every one of them.
     """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig, pr_set_child_subreaper = 1, 36
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-        libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise FrontEndGone()
+    raise FrontEndGone.now()
 
 
-def kill_descendants() -> None:
-    """SIGKILL every process below this executor (they can only belong to its command)."""
+def kill_descendants(timeout: float = 2.0) -> None:
+    """SIGKILL every process below this executor (they can only belong to its command), and
+    collect them: as a subreaper, every one of them ends up our child."""
     import psutil  # imported late: most executors never need it
 
     try:
-        children = psutil.Process().children(recursive=True)
+        victims = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
-    for child in children:
+    for victim in victims:
         try:
-            child.kill()
+            victim.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(children, timeout=2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no child left
+        if pid == 0:
+            time.sleep(0.005)
 
 
 def reap_children() -> None:
@@ -320,9 +343,11 @@ def main() -> int:
         kill_descendants()
         return 0
     except OSError as e:
-        if e.errno == errno.EPIPE:
-            return 0
-        raise
+        if e.errno != errno.EPIPE:
+            raise
+        FrontEndGone.now()
+        kill_descendants()
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pyworker import wire
+from pyworker.executor import PR_SET_CHILD_SUBREAPER, prctl
 
 log = Logger()
 
@@ -255,6 +256,8 @@ class ExecutorPool:
         return len(self.idle) + len(self.busy)
 
     def start(self) -> None:
+        # If an executor dies, its command's processes come back to us, to be swept.
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._replenish()
 
     def _spawn(self) -> Executor:
@@ -363,7 +366,47 @@ class ExecutorPool:
         if len(self.idle) > self.min_idle:
             self._schedule_shrink()
 
+    def _sweep_orphans(self) -> None:
+        """Kill what a dead executor's command left running (re-parented to us) and reap it.
+
+        The front end's own children are executors only; anything else came from a dead one.
+        """
+        import psutil
+
+        executors = {e.pid for e in (*self.idle, *self.busy)}
+        try:
+            orphans = [c for c in psutil.Process().children() if c.pid not in executors]
+        except psutil.Error:
+            return
+        for orphan in orphans:
+            try:
+                victims = [orphan, *orphan.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for victim in victims:
+                try:
+                    victim.kill()
+                except psutil.Error:
+                    pass
+        if orphans:
+            log.warn("killed {n} process(es) left by a dead executor's command", n=len(orphans))
+            self._reap([o.pid for o in orphans], tries=50)
+
+    def _reap(self, pids: list[int], tries: int) -> None:
+        """Collect our adopted children's exit status without blocking (Twisted won't)."""
+        left = []
+        for pid in pids:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done == 0:
+                left.append(pid)
+        if left and tries > 0:
+            self.reactor.callLater(0.1, self._reap, left, tries - 1)
+
     def executor_ended(self, executor: Executor, reason: Failure) -> None:
+        self._sweep_orphans()
         if executor in self.idle:
             self.idle.remove(executor)
         client = executor.client

@@ -35,6 +35,7 @@ from realmaster import (
     RESULT_NAMES,
     Builder,
     BuildRequest,
+    HarnessError,
     RealMaster,
     WorkerProcess,
     descendants,
@@ -410,8 +411,23 @@ def test_frontend_sigkill_kills_executors_and_commands_and_restart_works(
     left = wait_gone(sleeper)
     where = describe(left)
     kill_all(left)
-    alive_execs = [pid for pid in execs if psutil.pid_exists(pid)
-                   and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+    def alive_executors() -> list[int]:
+        alive = []
+        for pid in execs:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.Error:
+                pass
+        return alive
+
+    # they end their commands' processes first, then exit (a moment later)
+    try:
+        wait_for(lambda: not alive_executors() or None, 5, "the executors to exit")
+    except HarnessError:
+        pass
+    alive_execs = alive_executors()
     reap_zombies(execs)
     assert alive_execs == [], "executors outlived their front end"
     # the same basedir starts again (a twistd.pid from the killed process is stale)
@@ -421,14 +437,7 @@ def test_frontend_sigkill_kills_executors_and_commands_and_restart_works(
     assert build_results(master, request)[0] == "RETRY"
     assert build.result == "SUCCESS", build.describe()
     worker.stop()
-    if left:
-        # a race, seen in about half the runs: not a strict xfail, or CI would flap
-        pytest.xfail(
-            "worker bug: when the front end dies, an executor that sees EOF on its control "
-            "pipe first is hit by the parent-death SIGTERM inside its cleanup "
-            "(kill_descendants), whose FrontEndGone aborts it: the command's setsid'd "
-            f"processes survive ({len(left)} of {len(seen)}: {where})"
-        )
+    assert not left, f"{len(left)} of {len(seen)} command processes survived: {where}"
 
 
 # -- 2. faults survived ---------------------------------------------------------------------
@@ -558,8 +567,6 @@ def test_executor_killed_mid_command(master: RealMaster, workers: Workers) -> No
         assert quick.result == "SUCCESS", quick.describe()
 
 
-@pytest.mark.xfail(strict=True, reason="worker bug: when an executor dies, the processes of "
-                   "the command it ran are left running (nobody kills their process group)")
 def test_executor_killed_leaves_no_command_process(master: RealMaster, workers: Workers) -> None:
     worker = workers.proxied()
     token = _token()
