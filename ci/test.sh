@@ -79,7 +79,7 @@ run_stage ruff no "$WORKER_VENV/bin/ruff" check "$ROOT"
 # ---- unit + end-to-end tests, once per I/O backend ------------------------------------------
 # Run the installed package (not the source tree, which lacks the compiled extension):
 # `bin/pytest` does not put the repo root on sys.path; tests/ has no __init__.py.
-PYTEST=("$WORKER_VENV/bin/pytest" -ra -p no:cacheprovider)
+PYTEST=("$WORKER_VENV/bin/pytest" -ra -p no:cacheprovider --durations=10)
 if (cd / && "$WORKER_VENV/bin/python" -I -c 'import pyworker.iocore') 2>/dev/null; then
     for backend in c python; do
         run_stage "pytest[PYWORKER_IO=$backend]" yes \
@@ -96,15 +96,30 @@ fi
 mapfile -t INTEROP_CASES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$ROOT/ci/interop-cases.txt" \
     | grep -v '^$')
 if ((${#INTEROP_CASES[@]})); then
-    TRIAL_DIR="$(mktemp -d)"   # trial writes _trial_temp into its cwd
-    run_stage interop no env -C "$TRIAL_DIR" SANDBOXED_WORKER_PATH="$PYWORKER" \
-        "$MASTER_VENV/bin/python" -m twisted.trial "${INTEROP_CASES[@]}"
-    if [[ "${RESULTS[-1]}" != ok* && -d "$TRIAL_DIR/_trial_temp" ]]; then
-        echo "---- interop: tail of _trial_temp/test.log ----"
-        tail -n 80 "$TRIAL_DIR/_trial_temp/test.log" 2>/dev/null
-    fi
-    rm -rf "$TRIAL_DIR"
+    # Buildbot starts the worker with an empty environment, so each I/O backend gets a
+    # launcher that sets PYWORKER_IO itself.
+    for backend in c python; do
+        TRIAL_DIR="$(mktemp -d)"   # trial writes _trial_temp into its cwd
+        LAUNCHER="$TRIAL_DIR/pyworker-$backend"
+        printf '#!%s\nimport os, sys\nos.environ["PYWORKER_IO"] = "%s"\nos.execv(%s, [%s] + sys.argv[1:])\n' \
+            "$WORKER_VENV/bin/python" "$backend" "'$PYWORKER'" "'$PYWORKER'" > "$LAUNCHER"
+        chmod +x "$LAUNCHER"
+        run_stage "interop[PYWORKER_IO=$backend]" no env -C "$TRIAL_DIR" \
+            SANDBOXED_WORKER_PATH="$LAUNCHER" \
+            "$MASTER_VENV/bin/python" -m twisted.trial "${INTEROP_CASES[@]}"
+        if [[ "${RESULTS[-1]}" != ok* && -d "$TRIAL_DIR/_trial_temp" ]]; then
+            echo "---- interop: tail of _trial_temp/test.log ----"
+            tail -n 80 "$TRIAL_DIR/_trial_temp/test.log" 2>/dev/null
+        fi
+        rm -rf "$TRIAL_DIR"
+    done
 fi
+
+# ---- the wheel, from a clean venv (nothing from the source tree can leak in) ------------------
+run_stage wheel no bash "$ROOT/ci/wheel-smoke.sh" "$WORKER_VENV/bin/python"
+
+# ---- the C core under AddressSanitizer and UndefinedBehaviorSanitizer ----------------------------
+run_stage sanitizers no env PYTHON="$WORKER_VENV/bin/python" bash "$ROOT/ci/sanitizers.sh"
 
 # ---- benchmarks, short mode --------------------------------------------------------------------
 if [[ -d "$ROOT/bench" ]]; then
