@@ -700,6 +700,12 @@ class RealMaster:
                 c['collapseRequests'] = False
                 # forced builds may carry any property value (tests send arbitrary text)
                 c['validation'] = {{'property_value': re.compile(r'(?s).*')}}
+                # after an EXCEPTION build the master would keep the worker idle for 10 s
+                # ("quarantine"): tests provoke EXCEPTIONs on purpose and go on at once
+                from buildbot.worker.base import AbstractWorker
+                AbstractWorker.quarantine_timeout = 0
+                AbstractWorker.quarantine_initial_timeout = 0
+                AbstractWorker.quarantine_max_timeout = 0
 
 
                 def _factory(f):

@@ -43,15 +43,7 @@ BUILDS = int(os.environ.get("PYWORKER_FUZZ_BUILDS") or 60)
 LANES = 2
 ALLOWED = {"SUCCESS", "WARNINGS", "FAILURE", "EXCEPTION"}
 
-#: A master puts a worker "in quarantine" for 10 s (doubling) after every EXCEPTION build;
-#: the fuzz makes many on purpose, so the test master waits 0 s.
-NO_QUARANTINE = """
-from buildbot.worker.base import AbstractWorker
-AbstractWorker.quarantine_timeout = AbstractWorker.quarantine_initial_timeout = 0
-AbstractWorker.quarantine_max_timeout = 0
-"""
-
-FUZZ_STEP = NO_QUARANTINE + """
+FUZZ_STEP = """
 import json, os, tempfile  # noqa
 from buildbot.process import buildstep, remotecommand, remotetransfer
 

@@ -132,15 +132,7 @@ def _builders() -> dict[str, Builder]:
     return out
 
 
-#: A master puts a worker "in quarantine" for 10 s after an EXCEPTION build (the killed
-#: executor, the full disk): here it waits 0 s, so the next build starts at once.
-NO_QUARANTINE = """
-from buildbot.worker.base import AbstractWorker
-AbstractWorker.quarantine_timeout = AbstractWorker.quarantine_initial_timeout = 0
-AbstractWorker.quarantine_max_timeout = 0
-"""
-
-master = master_fixture(_builders(), workers=("wp", "wd", "wm"), extra_config=NO_QUARANTINE)
+master = master_fixture(_builders(), workers=("wp", "wd", "wm"))
 
 
 @pytest.fixture(scope="module")
@@ -610,7 +602,7 @@ def test_disk_full_during_a_download(
     big.write_bytes(os.urandom(3 * limit))
     small = tmp_path / "small.bin"
     small.write_bytes(b"small\n" * 1000)
-    master = make_master(extra_config=NO_QUARANTINE, builders={
+    master = make_master(builders={
         "dl-big": f"[steps.FileDownload(mastersrc={str(big)!r}, workerdest='big.bin')]",
         "dl-small": f"[steps.FileDownload(mastersrc={str(small)!r}, workerdest='small.bin')]",
     })
