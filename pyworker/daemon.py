@@ -618,26 +618,21 @@ def _prog() -> str:
 
 def stop(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> int:
     """``pyworker stop``: immediate; ``worker not running`` is success, as in the reference."""
-    error = check_worker_dir(basedir)
-    if error is not None:
-        print(error)
-        return 1
-    try:
-        return stop_worker(basedir, quiet, signame)
-    except WorkerNotRunning:
-        if not quiet:
-            print("worker not running")
-        return 0
+    return _stop_with(basedir, quiet, lambda: stop_worker(basedir, quiet, signame))
 
 
 def stop_graceful(basedir: str, quiet: bool, timeout: float | None = None) -> int:
     """``pyworker stop --graceful``: drain, wait until the worker is gone."""
+    return _stop_with(basedir, quiet, lambda: drain_worker(basedir, quiet, timeout))
+
+
+def _stop_with(basedir: str, quiet: bool, action: Callable[[], int]) -> int:
     error = check_worker_dir(basedir)
     if error is not None:
         print(error)
         return 1
     try:
-        return drain_worker(basedir, quiet, timeout)
+        return action()
     except WorkerNotRunning:
         if not quiet:
             print("worker not running")
