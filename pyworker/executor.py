@@ -270,6 +270,7 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
     usage_before = _cpu_times()
     channel.peak_rss = 0
     failure: str | None = None
+    command = None
     try:
         command_class = registry.COMMANDS.get(name)
         if command_class is None:
@@ -286,6 +287,8 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
                                                              strict=True))
     usage = {"name": name, "cpu_user": user, "cpu_system": system,
              "peak_rss": channel.peak_rss}
+    if command is not None and command.usage_note:
+        usage["note"] = command.usage_note
     if request.get("io", {}).get("report_resources"):
         channel.text("header", describe_usage(usage) + "\n", force=True)
     channel.update([("elapsed", time.time() - started)])
@@ -307,6 +310,8 @@ def describe_usage(usage: dict[str, Any]) -> str:
             f"system {usage['cpu_system']:.2f})")
     if usage.get("peak_rss"):
         text += f", peak RSS {usage['peak_rss'] / 2**20:.1f} MiB"
+    if usage.get("note"):
+        text += f"; {usage['note']}"
     return text
 
 

@@ -18,6 +18,8 @@ class Command:
         self.basedir: str = request["basedir"]
         self.command_id: str = request.get("command_id", "")
         self.io: dict[str, Any] = request.get("io", {})
+        #: One line on what the command did, for the worker log next to its resource use.
+        self.usage_note: str | None = None
         missing = [a for a in self.required_args if a not in self.args]
         if missing:
             raise CommandError(f"{type(self).__name__} is missing args: {', '.join(missing)}")

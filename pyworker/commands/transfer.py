@@ -17,12 +17,14 @@ At the first error from the master no new call is issued; the calls in flight ar
 then the failure is reported. An interrupt stops issuing at once; the closing calls are still made.
 
 Directory uploads stream the tar archive as :class:`pyworker.iocore.TarStream` produces it
-(compression here, overlapped with the network) instead of building it in a temporary file
-first. Downloads land in a temporary file next to the destination, renamed over it only when
-the transfer completed: a failed or interrupted download leaves the old file untouched.
+instead of building it in a temporary file first; ``gz`` and ``bz2`` are compressed here by
+:class:`pyworker.compress.ChunkedCompressor` in several threads, overlapped with the network,
+at a level that follows the link unless one is configured. Downloads land in a temporary
+file next to the destination, renamed over it only when the transfer completed: a failed or
+interrupted download leaves the old file untouched.
 
 Tuning comes from the front end's ``io`` settings: ``block_size``, ``window``,
-``gzip_level``, ``bz2_level``.
+``gzip_level`` and ``bz2_level`` (``'auto'`` or a number), ``compress_threads``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import tempfile
 from collections import deque
 from typing import Any
 
+from pyworker import compress as compress_mod
 from pyworker import iocore, wire
 from pyworker.commands.base import Command
 from pyworker.executor import Channel, CommandError
@@ -43,9 +46,6 @@ BLOCK_SIZE = 128 * 1024
 MAX_BLOCK_SIZE = 600 * 1024
 #: Bytes of blocks in flight (sent, not yet answered) per transfer.
 WINDOW = 2 * 1024 * 1024
-#: Compression levels the master cannot see; chosen to keep the link to the master busy.
-GZIP_LEVEL = 1
-BZ2_LEVEL = 1
 
 
 class _Transfer(Command):
@@ -229,23 +229,26 @@ class UploadDirectory(_Upload):
         compress = self.args.get("compress")
         if compress not in ("gz", "bz2"):
             compress = None  # the reference writes a plain tar for any other value
-        if compress == "gz":
-            level = _io_int(self.io, "gzip_level", GZIP_LEVEL, 0, 9)
-        elif compress == "bz2":
-            level = _io_int(self.io, "bz2_level", BZ2_LEVEL, 1, 9)
-        else:
-            level = 0
         try:
-            tar = iocore.TarStream(self.path, compress, level)
+            tar = iocore.TarStream(self.path, None)
         except OSError as e:
             self.stderr = f"Cannot read directory '{self.path}' for upload: {e}"
             self.rc = 1
             self.report()
             return
+        source: Any = tar
+        if compress is not None:
+            key, lowest = ("gzip_level", 0) if compress == "gz" else ("bz2_level", 1)
+            level = _io_level(self.io, key, lowest)
+            threads = _io_int(self.io, "compress_threads", compress_mod.default_threads(), 1, 64)
+            source = compress_mod.ChunkedCompressor(tar.read, compress, level, threads)
         self.channel.text("header", f"sending {self.path}\n")
         try:
-            complete = self._send(tar)
+            complete = self._send(source)
         finally:
+            if source is not tar:
+                source.close()
+                self.usage_note = f"{compress} {source.stats.describe()}"
             tar.close()
             self.drain()
         if self.failure is None and self.write_error is not None:
@@ -418,6 +421,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _io_level(io: dict[str, Any], key: str, lowest: int) -> int | str:
+    """A compression level setting: ``'auto'`` (the default) or ``lowest``..9."""
+    value = io.get(key, compress_mod.AUTO)
+    if isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= 9:
+        return value
+    return compress_mod.AUTO
 
 
 def _io_int(io: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
