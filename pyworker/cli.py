@@ -225,6 +225,26 @@ class CreateWorkerOptions(MakerBase):
             "pyworker: twistd.log format, 'text' (twistd's lines) or 'json' (one JSON "
             "object per line: time, level, namespace/system, message, failure); tac: log_format",
         ],
+        [
+            "gzip-level",
+            None,
+            "auto",
+            "pyworker: compression level of gz directory uploads, 'auto' (the level that "
+            "moves the tree out fastest, measured as it goes) or 0-9; tac: gzip_level",
+        ],
+        [
+            "bz2-level",
+            None,
+            "auto",
+            "pyworker: the same for bz2 directory uploads, 'auto' or 1-9; tac: bz2_level",
+        ],
+        [
+            "compress-threads",
+            None,
+            None,
+            "pyworker: threads compressing one directory upload (default: the usable "
+            "CPUs, at most 4); tac: compress_threads",
+        ],
     ]
     longdesc = textwrap.dedent(
         """
@@ -301,6 +321,16 @@ class CreateWorkerOptions(MakerBase):
                 raise usage.UsageError("metrics-port parameter needs to be a port (1-65535)")
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError("log-format needs to be one of 'text' or 'json'")
+        for argument, lowest in (("gzip-level", 0), ("bz2-level", 1)):
+            if self[argument] != "auto":
+                if not self[argument].isdigit() or not lowest <= int(self[argument]) <= 9:
+                    raise usage.UsageError(f"{argument} needs to be 'auto' or {lowest}-9")
+                self[argument] = int(self[argument])
+        if self["compress-threads"] is not None:
+            value = self["compress-threads"]
+            if not str(value).isdigit() or not 1 <= int(value) <= 64:
+                raise usage.UsageError("compress-threads needs to be a number from 1 to 64")
+            self["compress-threads"] = int(value)
 
 
 class BenchOptions(usage.Options):  # type: ignore[misc]
@@ -504,6 +534,9 @@ def create_worker(config: dict[str, Any]) -> int:
         metrics_port=config["metrics-port"],
         log_format=config["log-format"],
         report_resources=bool(config["report-resources"]),
+        gzip_level=config["gzip-level"],
+        bz2_level=config["bz2-level"],
+        compress_threads=config["compress-threads"],
     )
     contents = make_tac(opts)
     if not config["force"]:

@@ -46,6 +46,12 @@ class WorkerConfig:
     log_format: str = "text"
     #: Add each command's CPU seconds and peak RSS as a last header line of its log.
     report_resources: bool = False
+    #: Compression of directory uploads: ``'auto'`` (the level that moves the tree out
+    #: fastest, measured while it goes) or a fixed level; the master cannot tell.
+    gzip_level: int | str = "auto"
+    bz2_level: int | str = "auto"
+    #: Threads compressing one directory upload (``None``: the CPUs we may use, at most 4).
+    compress_threads: int | None = None
     #: twistd.log rotation; ``log_rotate`` is False when the tac has no rotating log block.
     log_rotate: bool = True
     rotate_length: int = 10_000_000

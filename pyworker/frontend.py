@@ -263,7 +263,7 @@ class Bot(pb.Referenceable):
         self.basedir = worker.config.basedir
         self.pool = worker.pool
         self.builders: dict[str, WorkerForBuilder] = {}
-        self.io_settings: dict[str, Any] = {"report_resources": worker.config.report_resources}
+        self.io_settings: dict[str, Any] = io_settings(worker.config)
 
     def remote_print(self, message: str) -> None:
         log.info("message from master: {message}", message=message)
@@ -317,6 +317,18 @@ class Bot(pb.Referenceable):
     def stop_all(self) -> None:
         for builder in self.builders.values():
             builder.stop_command()
+
+
+def io_settings(config: config_mod.WorkerConfig) -> dict[str, Any]:
+    """What the executors need from the configuration, sent with every command."""
+    settings: dict[str, Any] = {
+        "report_resources": config.report_resources,
+        "gzip_level": config.gzip_level,
+        "bz2_level": config.bz2_level,
+    }
+    if config.compress_threads is not None:
+        settings["compress_threads"] = config.compress_threads
+    return settings
 
 
 def worker_info(basedir: str, delete_leftover_dirs: bool) -> dict[str, Any]:

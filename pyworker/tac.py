@@ -129,6 +129,9 @@ class TacOptions:
     metrics_port: int | None = None
     log_format: str = "text"
     report_resources: bool = False
+    gzip_level: int | str = "auto"
+    bz2_level: int | str = "auto"
+    compress_threads: int | None = None
 
 
 #: Heads pyworker's own tac variables (the reference worker ignores plain assignments).
@@ -147,6 +150,11 @@ def pyworker_settings(opts: TacOptions) -> str:
         lines.append(f"log_format = {opts.log_format!r}")
     if opts.report_resources:
         lines.append("report_resources = 1")
+    for var in ("gzip_level", "bz2_level"):
+        if getattr(opts, var) != "auto":
+            lines.append(f"{var} = {getattr(opts, var)!r}")
+    if opts.compress_threads is not None:
+        lines.append(f"compress_threads = {int(opts.compress_threads)}")
     if not lines:
         return ""
     return "\n".join([PYWORKER_SETTINGS_COMMENT, *lines, ""])
@@ -708,7 +716,8 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
 def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
     """pyworker's own tac variables (module-level assignments), checked; absent: defaults."""
     settings: dict[str, Any] = {}
-    for var in ("restrict_paths", "metrics_port", "log_format", "report_resources"):
+    for var in ("restrict_paths", "metrics_port", "log_format", "report_resources",
+                "gzip_level", "bz2_level", "compress_threads"):
         if var not in reader.names:
             continue
         value = reader.names[var]
@@ -734,4 +743,18 @@ def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
         if fmt not in LOG_FORMATS:
             raise TacError(f"{path}: log_format must be 'text' or 'json', not {fmt!r}")
         settings["log_format"] = fmt
+    for var, lowest in (("gzip_level", 0), ("bz2_level", 1)):
+        if var in settings:
+            level = settings[var]
+            if level is None:
+                level = "auto"
+            if not (level == "auto" or (isinstance(level, int) and not isinstance(level, bool)
+                                        and lowest <= level <= 9)):
+                raise TacError(f"{path}: {var} must be 'auto' or {lowest} to 9, not {level!r}")
+            settings[var] = level
+    if "compress_threads" in settings:
+        threads = settings["compress_threads"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= 64):
+            raise TacError(f"{path}: compress_threads must be 1 to 64 or None, not {threads!r}")
     return settings

@@ -288,7 +288,8 @@ def test_create_worker_errors(
 
 
 #: create-worker options only pyworker has (documented in its --help).
-PYWORKER_ONLY_OPTIONS = {"restrict-paths", "metrics-port", "log-format", "report-resources"}
+PYWORKER_ONLY_OPTIONS = {"restrict-paths", "metrics-port", "log-format", "report-resources",
+                         "gzip-level", "bz2-level", "compress-threads"}
 _OPTION_LINE = re.compile(r"^  (?:-\w, |    )--([\w-]+)")
 
 
@@ -578,6 +579,10 @@ SETTINGS_OPTS = [
     "--log-format",
     "json",
     "--report-resources",
+    "--gzip-level=3",
+    "--bz2-level",
+    "9",
+    "--compress-threads=2",
 ]
 
 
@@ -595,15 +600,21 @@ def test_create_worker_pyworker_settings(tmp_path: Path) -> None:
         "metrics_port = 9101\n"
         "log_format = 'json'\n"
         "report_resources = 1\n"
+        "gzip_level = 3\n"
+        "bz2_level = 9\n"
+        "compress_threads = 2\n"
     )
     # the reference's text, with the settings after its last variable
     assert tac == plain.replace("protocol = 'pb'\n", "protocol = 'pb'\n" + block)
     config = load_tac(str(tmp_path / "w"))
     assert (config.restrict_paths, config.metrics_port) == (True, 9101)
     assert (config.log_format, config.report_resources) == ("json", True)
+    assert (config.gzip_level, config.bz2_level, config.compress_threads) == (3, 9, 2)
     default = load_tac(str(tmp_path / "plain"))
     assert (default.restrict_paths, default.metrics_port) == (False, None)
     assert (default.log_format, default.report_resources) == ("text", False)
+    assert (default.gzip_level, default.bz2_level, default.compress_threads) == ("auto", "auto",
+                                                                                 None)
 
     create(exe, tmp_path / "one", "--metrics-port", "8080")
     tac = (tmp_path / "one" / "buildbot.tac").read_text()
@@ -639,6 +650,10 @@ def test_reference_runs_tac_with_pyworker_settings(tmp_path: Path) -> None:
         (["--metrics-port=0"], "metrics-port parameter needs to be a port (1-65535)"),
         (["--metrics-port=65536"], "metrics-port parameter needs to be a port (1-65535)"),
         (["--log-format=xml"], "log-format needs to be one of 'text' or 'json'"),
+        (["--gzip-level=10"], "gzip-level needs to be 'auto' or 0-9"),
+        (["--bz2-level=0"], "bz2-level needs to be 'auto' or 1-9"),
+        (["--compress-threads=0"], "compress-threads needs to be a number from 1 to 64"),
+        (["--compress-threads=many"], "compress-threads needs to be a number from 1 to 64"),
     ],
 )
 def test_create_worker_settings_errors(

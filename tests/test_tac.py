@@ -323,6 +323,9 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
         metrics_port=9100,
         log_format="json",
         report_resources=True,
+        gzip_level=0,
+        bz2_level=9,
+        compress_threads=3,
     )
     text = make_tac(opts)
     assert text != base and text.replace(pyworker_settings(opts), "") == base
@@ -331,11 +334,14 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
     config = parse_tac(text, str(tmp_path / "buildbot.tac"))
     assert (config.restrict_paths, config.metrics_port) == (True, 9100)
     assert (config.log_format, config.report_resources) == ("json", True)
+    assert (config.gzip_level, config.bz2_level, config.compress_threads) == (0, 9, 3)
     # also without a Worker(...) call, and hand-written forms
     text = text[: text.index("s = Worker(")].replace("restrict_paths = 1", "restrict_paths = True")
-    text += "metrics_port = None\nlog_format = None\n"
+    text += "metrics_port = None\nlog_format = None\ngzip_level = 'auto'\nbz2_level = None\n"
+    text += "compress_threads = None\n"
     config = parse_tac(text, str(tmp_path / "buildbot.tac"))
     assert (config.restrict_paths, config.metrics_port, config.log_format) == (True, None, "text")
+    assert (config.gzip_level, config.bz2_level, config.compress_threads) == ("auto", "auto", None)
 
 
 @pytest.mark.parametrize(
@@ -347,6 +353,11 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
         ("log_format = 'xml'", "log_format must be 'text' or 'json'"),
         ("restrict_paths = 'yes'", "restrict_paths must be int or None"),
         ("report_resources = os.environ.get('R')", "'report_resources' is set by an expression"),
+        ("gzip_level = 10", "gzip_level must be 'auto' or 0 to 9"),
+        ("bz2_level = 0", "bz2_level must be 'auto' or 1 to 9"),
+        ("bz2_level = 'fast'", "bz2_level must be 'auto' or 1 to 9"),
+        ("compress_threads = 0", "compress_threads must be 1 to 64 or None"),
+        ("compress_threads = '2'", "compress_threads must be 1 to 64 or None"),
     ],
 )
 def test_bad_pyworker_settings(tmp_path: Path, line: str, message: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import threading
 import time
@@ -56,13 +57,20 @@ KINDS: dict[str, str] = {
     f" workerdest={P_DST}, mode=0o640)]",
 }
 
+#: a pyworker created with fixed compression settings (``--gzip-level`` and friends)
+FIXED = "pyfixed"
+
 master = master_fixture(
     {
-        f"{kind}-{w}": Builder(factory=source, workers=[w])
-        for kind, source in KINDS.items()
-        for w in WORKERS
+        **{
+            f"{kind}-{w}": Builder(factory=source, workers=[w])
+            for kind, source in KINDS.items()
+            for w in WORKERS
+        },
+        **{f"dirup_{c}-{FIXED}": Builder(factory=KINDS[f"dirup_{c}"], workers=[FIXED])
+           for c in ("gz", "bz2")},
     },
-    workers=WORKERS,
+    workers=(*WORKERS, FIXED),
 )
 
 
@@ -263,6 +271,26 @@ def test_upload_directory(master: RealMaster, worker: str, data_dir: Path, out: 
     got = tree_manifest(dst)
     want = tree_manifest(src)
     assert got == want
+
+
+def test_upload_directory_compression_settings(master: RealMaster, pyworker_executable: str,
+                                               data_dir: Path, out: Path) -> None:
+    """Fixed levels and a thread count from create-worker reach the compressor; the master
+    extracts the same tree whatever they are."""
+    w = master.start_worker(pyworker_executable, FIXED, create_args=[
+        "--gzip-level=9", "--bz2-level=2", "--compress-threads=3"])
+    try:
+        src = data_dir / "tree"
+        for compress, level in (("gz", 9), ("bz2", 2)):
+            dst = out / compress
+            b = build(master, f"dirup_{compress}", FIXED, src=str(src), dst=str(dst))
+            assert b.result == "SUCCESS", b.describe()
+            assert tree_manifest(dst) == tree_manifest(src)
+            log = w.twistd_log.read_text()
+            assert re.search(rf"{compress} [0-9.]+ MiB -> [0-9.]+ MiB, chunks: \d+ at {level}\n",
+                             log), log[-3000:]
+    finally:
+        w.stop()
 
 
 def test_upload_directory_missing(master: RealMaster, worker: str, data_dir: Path, out: Path
