@@ -70,6 +70,7 @@ class TcpProxy:
         self._pipes: list[_Pipe] = []
         self._stalled = False
         self._rate: float | None = None
+        self._rate_down = False  # the throttle applies to target -> client instead
         self._tokens = 0.0
         self._last_refill = time.monotonic()
         self._cut_requested = False
@@ -134,10 +135,12 @@ class TcpProxy:
         self._stalled = False
         self._wake()
 
-    def throttle(self, bytes_per_second: float | None) -> None:
-        """Limit the client -> target direction (None: unlimited)."""
+    def throttle(self, bytes_per_second: float | None, *, down: bool = False) -> None:
+        """Limit the client -> target direction, or with ``down`` the target -> client one
+        (None: unlimited)."""
         with self._lock:
             self._rate = bytes_per_second
+            self._rate_down = down
             self._tokens = 0.0
             self._last_refill = time.monotonic()
         self._wake()
@@ -210,9 +213,11 @@ class TcpProxy:
             return wanted
         for p in pipes:
             c = t = 0
-            if len(p.up) < self.buffer_size and (self._rate is None or self._tokens >= 1):
+            may_up = self._rate is None or self._rate_down or self._tokens >= 1
+            may_down = self._rate is None or not self._rate_down or self._tokens >= 1
+            if len(p.up) < self.buffer_size and may_up:
                 c |= selectors.EVENT_READ
-            if len(p.down) < self.buffer_size:
+            if len(p.down) < self.buffer_size and may_down:
                 t |= selectors.EVENT_READ
             if p.up:
                 t |= selectors.EVENT_WRITE
@@ -265,7 +270,8 @@ class TcpProxy:
         sock = p.client if from_client else p.target
         buf = p.up if from_client else p.down
         room = self.buffer_size - len(buf)
-        if from_client and self._rate is not None:
+        throttled = self._rate is not None and from_client != self._rate_down
+        if throttled:
             with self._lock:
                 room = min(room, int(self._tokens))
         if room <= 0:
@@ -282,11 +288,11 @@ class TcpProxy:
         buf += data
         if from_client:
             self.bytes_up += len(data)
-            if self._rate is not None:
-                with self._lock:
-                    self._tokens -= len(data)
         else:
             self.bytes_down += len(data)
+        if throttled:
+            with self._lock:
+                self._tokens -= len(data)
 
     def _write(self, p: _Pipe, to_client: bool) -> None:
         # EVENT_WRITE on the client means the target->client buffer can move, and the reverse

@@ -125,6 +125,11 @@ def _builders() -> dict[str, Builder]:
         " masterdest=util.Interpolate('%(prop:dest)s'))]",
         workers=["wp"],
     )
+    out["download"] = Builder(
+        "[steps.FileDownload(mastersrc=util.Interpolate('%(prop:src)s'),"
+        " workerdest='fetched.bin')]",
+        workers=["wp"],
+    )
     for i in range(CONCURRENT):
         out[f"par{i}"] = Builder(_shell(BARRIER), workers=["wd"])
     for i in range(PARALLEL):
@@ -527,6 +532,37 @@ def test_connection_cut_mid_transfer(
     assert build.result == "SUCCESS", build.describe()
     src = worker.basedir / "upload" / "build" / "big.bin"
     assert dest.read_bytes() == src.read_bytes()
+    assert worker.running()
+
+
+def test_connection_cut_mid_download(
+    master: RealMaster, workers: Workers, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """The cut download leaves the old file and no temporary file; the retry lands the new."""
+    worker = workers.proxied()
+    src = tmp_path / "source.bin"
+    src.write_bytes(os.urandom(UPLOAD_SIZE))
+    dest = worker.basedir / "download" / "build" / "fetched.bin"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"the old file\n")
+    proxy.throttle(4 * MiB, down=True)
+    request = master.request_build("download", {"src": str(src)})
+    master.wait_build_started(request, step="download")
+    before = proxy.bytes_down
+    wait_for(lambda: proxy.bytes_down - before > 8 * MiB or None, 30, "8 MiB of the download")
+    proxy.stall()  # and stays stalled: no reconnection (and retry) before the checks
+    assert proxy.cut() == 1
+    # the worker sees the reset: the executor gives up and removes its temporary file
+    wait_for(lambda: not [p for p in dest.parent.iterdir() if "pyworker-tmp" in p.name] or None,
+             30, "the temporary file to go")
+    assert dest.read_bytes() == b"the old file\n"
+    proxy.throttle(None)
+    proxy.resume()
+    build = master.wait_build(request, timeout=120)
+    assert build_results(master, request)[0] == "RETRY", master.logs()
+    assert build.result == "SUCCESS", build.describe()
+    assert dest.read_bytes() == src.read_bytes()
+    assert not [p.name for p in dest.parent.iterdir() if "pyworker-tmp" in p.name]
     assert worker.running()
 
 
