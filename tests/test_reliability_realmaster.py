@@ -545,6 +545,8 @@ def test_connection_cut_mid_download(
     dest = worker.basedir / "download" / "build" / "fetched.bin"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(b"the old file\n")
+    finished = "downloadFile resources:"  # logged when an executor ends the command
+    done_before = worker.twistd_log.read_text().count(finished)
     proxy.throttle(4 * MiB, down=True)
     request = master.request_build("download", {"src": str(src)})
     master.wait_build_started(request, step="download")
@@ -556,6 +558,9 @@ def test_connection_cut_mid_download(
     wait_for(lambda: not [p for p in dest.parent.iterdir() if "pyworker-tmp" in p.name] or None,
              30, "the temporary file to go")
     assert dest.read_bytes() == b"the old file\n"
+    # and its executor is free again: the command ended, it did not wait for a reply forever
+    wait_for(lambda: worker.twistd_log.read_text().count(finished) > done_before or None,
+             30, "the download's executor to finish the command")
     proxy.throttle(None)
     proxy.resume()
     build = master.wait_build(request, timeout=120)
