@@ -6,7 +6,7 @@ step results. pyworker-only cases cover what the reference cannot do (blocks abo
 640 KiB string limit), what only pyworker promises (atomic downloads, bounded memory) and
 interrupts.
 
-``PYWORKER_BIG_TESTS=1`` makes the large transfer 1 GiB instead of 64 MiB.
+The large transfer is 1 GiB each way (``PYWORKER_BIG_MIB`` changes it), in /dev/shm if possible.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +28,8 @@ from realmaster import Builder, BuildResult, RealMaster, master_fixture
 
 WORKERS = ("reference", "pyworker")
 MiB = 1024 * 1024
-BIG = (1024 if os.environ.get("PYWORKER_BIG_TESTS") == "1" else 64) * MiB
+#: The memory-bound transfer: 1 GiB each way, as issue 3 asks (``PYWORKER_BIG_MIB`` to change).
+BIG = int(os.environ.get("PYWORKER_BIG_MIB", "1024")) * MiB
 RSS_LIMIT = 100 * MiB
 
 P_SRC = "util.Property('src')"
@@ -466,37 +469,54 @@ class RssSampler:
         self._thread.join()
 
 
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory: Any) -> Iterator[Path]:
-    path: Path = tmp_path_factory.mktemp("big") / "big.bin"
+@pytest.fixture
+def big_dir(tmp_path: Path) -> Iterator[Path]:
+    """Room for three BIG files: in memory (/dev/shm) when there is one, so that the test
+    measures the worker and not the disk's write-back; else the test's tmp directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 * BIG:
+        d = Path(tempfile.mkdtemp(prefix="pyworker-big-", dir=shm))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+def write_big_file(path: Path) -> str:
+    """BIG bytes (a shifted random MiB per MiB); returns their SHA-256."""
     block = os.urandom(MiB)
+    h = hashlib.sha256()
     with open(path, "wb") as f:
         for i in range(BIG // MiB):
-            f.write(block[i % 256 :] + block[: i % 256])
-    yield path
-    path.unlink()
+            piece = block[i % 256 :] + block[: i % 256]
+            h.update(piece)
+            f.write(piece)
+    return h.hexdigest()
 
 
 def _pid(master: RealMaster, name: str) -> int:
     return next(w.pid for w in master.worker_procs if w.name == name and w.running())
 
 
-def test_big_transfers_bounded_memory(master: RealMaster, worker: str, big_file: Path,
-                                      out: Path) -> None:
+def test_big_transfers_bounded_memory(master: RealMaster, worker: str, big_dir: Path) -> None:
     if worker != "pyworker":
         pytest.skip("pyworker's memory bound")
+    big_file = big_dir / "big.bin"
+    digest = write_big_file(big_file)
     timeout = 60 + BIG / MiB
     with RssSampler(_pid(master, worker)) as up:
         b = build(master, "upload", worker, timeout=timeout, src=str(big_file),
-                  dst=str(out / "up.bin"))
+                  dst=str(big_dir / "up.bin"))
     assert b.result == "SUCCESS", b.describe()
-    assert sha(out / "up.bin") == sha(big_file)
-    (out / "up.bin").unlink()
-    dst = out / "down.bin"
+    assert sha(big_dir / "up.bin") == digest
+    (big_dir / "up.bin").unlink()
+    dst = big_dir / "down.bin"
     with RssSampler(_pid(master, worker)) as down:
         b = build(master, "download", worker, timeout=timeout, src=str(big_file), dst=str(dst))
     assert b.result == "SUCCESS", b.describe()
-    assert sha(dst) == sha(big_file)
+    assert sha(dst) == digest
     print(f"peak worker RSS: upload {up.peak / MiB:.1f} MiB, download {down.peak / MiB:.1f} MiB")
     assert up.peak < RSS_LIMIT
     assert down.peak < RSS_LIMIT
