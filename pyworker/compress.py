@@ -84,7 +84,7 @@ class LevelSearch:
 
     Every ``epoch`` bytes handed to the consumer, the rate of that epoch is compared with
     the rate of the one before: if the epoch with the higher mean level was faster, the
-    level goes up by half a step, else down (a tie in levels: go on, or turn back if the
+    level goes up by half a level, else down (a tie in levels: go on, or turn back if the
     rate fell). Levels are mixed by error diffusion, so 0.5 means every other chunk at 1.
     A lone level (``lo == hi``) gives a fixed level.
     """
