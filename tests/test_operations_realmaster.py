@@ -99,7 +99,10 @@ def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) 
     assert 'pyworker_executors{state="idle"}' in text
     master.restart()
     master.wait_worker_connected("w1")
-    assert "pyworker_reconnects_total 1" in _get(base + "/metrics")[1]
+    # as above: the worker's own view (login returned) can trail the master's by a moment
+    wait_for(lambda: "pyworker_reconnects_total 1" in _get(base + "/metrics")[1] or None, 10,
+             "/metrics to count the reconnect")
+    assert "pyworker_connected 1" in _get(base + "/metrics")[1]
     worker.stop()
 
 
