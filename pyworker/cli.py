@@ -22,7 +22,13 @@ from typing import Any, NoReturn
 
 from twisted.python import usage
 
-from pyworker.config import REFERENCE_VERSION
+from pyworker.config import (
+    AUTO_LEVEL,
+    LOWEST_LEVEL,
+    MAX_COMPRESS_THREADS,
+    REFERENCE_VERSION,
+    valid_level,
+)
 from pyworker.tac import LOG_FORMATS, CreateWorkerError, TacOptions, make_tac, write_tac
 
 PROG = "pyworker"
@@ -321,15 +327,19 @@ class CreateWorkerOptions(MakerBase):
                 raise usage.UsageError("metrics-port parameter needs to be a port (1-65535)")
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError("log-format needs to be one of 'text' or 'json'")
-        for argument, lowest in (("gzip-level", 0), ("bz2-level", 1)):
-            if self[argument] != "auto":
-                if not self[argument].isdigit() or not lowest <= int(self[argument]) <= 9:
-                    raise usage.UsageError(f"{argument} needs to be 'auto' or {lowest}-9")
-                self[argument] = int(self[argument])
+        for fmt, argument in (("gz", "gzip-level"), ("bz2", "bz2-level")):
+            value = self[argument]
+            if value != AUTO_LEVEL:
+                value = int(value) if value.isdigit() else value
+                if not valid_level(fmt, value):
+                    raise usage.UsageError(
+                        f"{argument} needs to be 'auto' or {LOWEST_LEVEL[fmt]}-9")
+                self[argument] = value
         if self["compress-threads"] is not None:
             value = self["compress-threads"]
-            if not str(value).isdigit() or not 1 <= int(value) <= 64:
-                raise usage.UsageError("compress-threads needs to be a number from 1 to 64")
+            if not str(value).isdigit() or not 1 <= int(value) <= MAX_COMPRESS_THREADS:
+                raise usage.UsageError(
+                    f"compress-threads needs to be a number from 1 to {MAX_COMPRESS_THREADS}")
             self["compress-threads"] = int(value)
 
 

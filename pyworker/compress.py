@@ -34,11 +34,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-AUTO = "auto"
+from pyworker.config import LOWEST_LEVEL, valid_level
+
 GZIP_CHUNK = 512 * 1024
-#: Levels ``'auto'`` moves between, and where it starts.
-GZIP_AUTO_RANGE = (0, 6)
-BZ2_AUTO_RANGE = (1, 9)
+#: ``'auto'`` moves between the format's lowest level and this one, starting at 1.
+AUTO_HIGHEST = {"gz": 6, "bz2": 9}
 AUTO_START = 1
 
 _DICT_SIZE = 32 * 1024
@@ -148,17 +148,15 @@ class ChunkedCompressor:
                  threads: int, *, gzip_mtime: int = 0) -> None:
         if fmt not in ("gz", "bz2"):
             raise ValueError(f"unknown compression {fmt!r}")
-        lo, hi = GZIP_AUTO_RANGE if fmt == "gz" else BZ2_AUTO_RANGE
-        if level == AUTO:
-            self._hi = hi
-            self._search = LevelSearch(lo, hi, max(lo, AUTO_START))
-        elif (isinstance(level, int) and not isinstance(level, bool)
-              and (0 if fmt == "gz" else 1) <= level <= 9):
+        lo = LOWEST_LEVEL[fmt]
+        if not valid_level(fmt, level):
+            raise ValueError(f"{fmt} level must be 'auto' or {lo} to 9, not {level!r}")
+        if isinstance(level, int):
             self._hi = level
             self._search = LevelSearch(level, level, level)
         else:
-            first = 0 if fmt == "gz" else 1
-            raise ValueError(f"{fmt} level must be 'auto' or {first} to 9, not {level!r}")
+            self._hi = AUTO_HIGHEST[fmt]
+            self._search = LevelSearch(lo, self._hi, max(lo, AUTO_START))
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         self._fmt = fmt

@@ -16,6 +16,17 @@ PROTOCOL_PB = "pb"
 PROTOCOL_MSGPACK = "msgpack_experimental_v7"
 PROTOCOLS = (PROTOCOL_PB, PROTOCOL_MSGPACK)
 
+#: Compression settings of directory uploads: a level per format or ``'auto'``.
+AUTO_LEVEL = "auto"
+LOWEST_LEVEL = {"gz": 0, "bz2": 1}
+MAX_COMPRESS_THREADS = 64
+
+
+def valid_level(fmt: str, value: object) -> bool:
+    """Whether ``value`` is a level ``fmt`` (``'gz'`` or ``'bz2'``) accepts, ``'auto'`` too."""
+    return value == AUTO_LEVEL or (isinstance(value, int) and not isinstance(value, bool)
+                                   and LOWEST_LEVEL[fmt] <= value <= 9)
+
 
 @dataclasses.dataclass
 class WorkerConfig:

@@ -17,7 +17,14 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
-from pyworker.config import PROTOCOLS, WorkerConfig
+from pyworker.config import (
+    AUTO_LEVEL,
+    LOWEST_LEVEL,
+    MAX_COMPRESS_THREADS,
+    PROTOCOLS,
+    WorkerConfig,
+    valid_level,
+)
 
 TAC_FILENAME = "buildbot.tac"
 #: create-worker writes this line; start/stop only accept directories whose tac has it.
@@ -151,7 +158,7 @@ def pyworker_settings(opts: TacOptions) -> str:
     if opts.report_resources:
         lines.append("report_resources = 1")
     for var in ("gzip_level", "bz2_level"):
-        if getattr(opts, var) != "auto":
+        if getattr(opts, var) != AUTO_LEVEL:
             lines.append(f"{var} = {getattr(opts, var)!r}")
     if opts.compress_threads is not None:
         lines.append(f"compress_threads = {int(opts.compress_threads)}")
@@ -743,18 +750,17 @@ def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
         if fmt not in LOG_FORMATS:
             raise TacError(f"{path}: log_format must be 'text' or 'json', not {fmt!r}")
         settings["log_format"] = fmt
-    for var, lowest in (("gzip_level", 0), ("bz2_level", 1)):
+    for fmt, var in (("gz", "gzip_level"), ("bz2", "bz2_level")):
         if var in settings:
-            level = settings[var]
-            if level is None:
-                level = "auto"
-            if not (level == "auto" or (isinstance(level, int) and not isinstance(level, bool)
-                                        and lowest <= level <= 9)):
-                raise TacError(f"{path}: {var} must be 'auto' or {lowest} to 9, not {level!r}")
+            level = AUTO_LEVEL if settings[var] is None else settings[var]
+            if not valid_level(fmt, level):
+                raise TacError(f"{path}: {var} must be 'auto' or {LOWEST_LEVEL[fmt]} to 9, "
+                               f"not {level!r}")
             settings[var] = level
     if "compress_threads" in settings:
         threads = settings["compress_threads"]
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or not 1 <= threads <= 64):
-            raise TacError(f"{path}: compress_threads must be 1 to 64 or None, not {threads!r}")
+                                    or not 1 <= threads <= MAX_COMPRESS_THREADS):
+            raise TacError(f"{path}: compress_threads must be 1 to {MAX_COMPRESS_THREADS} or "
+                           f"None, not {threads!r}")
     return settings

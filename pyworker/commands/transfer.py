@@ -36,9 +36,10 @@ import tempfile
 from collections import deque
 from typing import Any
 
-from pyworker import compress as compress_mod
 from pyworker import iocore, wire
 from pyworker.commands.base import Command
+from pyworker.compress import ChunkedCompressor, default_threads
+from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
 from pyworker.executor import Channel, CommandError
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
@@ -236,19 +237,21 @@ class UploadDirectory(_Upload):
             self.rc = 1
             self.report()
             return
-        source: Any = tar
+        compressor: ChunkedCompressor | None = None
         if compress is not None:
-            key, lowest = ("gzip_level", 0) if compress == "gz" else ("bz2_level", 1)
-            level = _io_level(self.io, key, lowest)
-            threads = _io_int(self.io, "compress_threads", compress_mod.default_threads(), 1, 64)
-            source = compress_mod.ChunkedCompressor(tar.read, compress, level, threads)
+            level = self.io.get("gzip_level" if compress == "gz" else "bz2_level", AUTO_LEVEL)
+            if not valid_level(compress, level):
+                level = AUTO_LEVEL
+            threads = _io_int(self.io, "compress_threads", default_threads(), 1,
+                              MAX_COMPRESS_THREADS)
+            compressor = ChunkedCompressor(tar.read, compress, level, threads)
         self.channel.text("header", f"sending {self.path}\n")
         try:
-            complete = self._send(source)
+            complete = self._send(compressor or tar)
         finally:
-            if source is not tar:
-                source.close()
-                self.usage_note = f"{compress} {source.stats.describe()}"
+            if compressor is not None:
+                compressor.close()
+                self.usage_note = f"{compress} {compressor.stats.describe()}"
             tar.close()
             self.drain()
         if self.failure is None and self.write_error is not None:
@@ -421,14 +424,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _io_level(io: dict[str, Any], key: str, lowest: int) -> int | str:
-    """A compression level setting: ``'auto'`` (the default) or ``lowest``..9."""
-    value = io.get(key, compress_mod.AUTO)
-    if isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= 9:
-        return value
-    return compress_mod.AUTO
 
 
 def _io_int(io: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
