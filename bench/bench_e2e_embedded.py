@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pyworker import bench as pb_bench
+from pyworker.bench import profiler as pb_bench
 
 SCALE = float(os.environ.get("PYWORKER_BENCH_SCALE", "0.25"))
 
@@ -41,7 +41,7 @@ def session() -> Iterator[tuple[pb_bench.Bench, pb_bench.Worker]]:
 
 
 TRANSFERS = {"upload-file", "download-file", "upload-dir-none", "upload-dir-gz", "upload-dir-bz2"}
-HAVE_TRANSFERS = importlib.util.find_spec("pyworker.commands.transfer") is not None
+HAVE_TRANSFERS = importlib.util.find_spec("pyworker.executor.commands.transfer") is not None
 
 
 def _scenario(name: str) -> pb_bench.Scenario:
@@ -86,5 +86,5 @@ def _run(benchmark: Any, session: tuple[pb_bench.Bench, pb_bench.Worker], name: 
 )
 def test_e2e_embedded(benchmark: Any, session: Any, name: str) -> None:
     if name in TRANSFERS and not HAVE_TRANSFERS:
-        pytest.skip("pyworker.commands.transfer is not there yet")
+        pytest.skip("pyworker.executor.commands.transfer is not there yet")
     _run(benchmark, session, name)

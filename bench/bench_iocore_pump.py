@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from pyworker import wire
+from pyworker import frames
 from pyworker.iocore import _python
 
 try:
@@ -161,7 +161,7 @@ def _raw_copy(out_fd: int) -> Any:
         def read_from(self, fd: int, max_bytes: int = READ_SIZE) -> int:
             data = os.read(fd, max_bytes)
             if data:
-                _python._write_all(out_fd, wire.frame(wire.TEXT, data, 1))
+                _python._write_all(out_fd, frames.frame(frames.TEXT, data, 1))
             return len(data)
 
         def flush(self) -> None:
@@ -180,7 +180,7 @@ def _factory(backend: str) -> Callable[[int], Any]:
         mod = _c
     else:
         mod = _python
-    return lambda out_fd: mod.StreamPump(out_fd, wire.CHANNEL_OF["stdout"])
+    return lambda out_fd: mod.StreamPump(out_fd, frames.CHANNEL_OF["stdout"])
 
 
 def _pump_child(path: Path, make: Callable[[int], Any], pipe_size: int | None, drain_kind: str

@@ -1,6 +1,6 @@
 """The worker's configuration: what a ``buildbot.tac`` says, as one typed value.
 
-``pyworker.tac`` reads and writes ``buildbot.tac`` files; everything else in the package
+``pyworker.cli.tac`` reads and writes ``buildbot.tac`` files; everything else in the package
 takes a :class:`WorkerConfig` and never looks at the tac itself.
 """
 

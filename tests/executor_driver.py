@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pyworker
-from pyworker import wire
+from pyworker import frames as wire
 
 #: Where this test process imported pyworker from (the installed package in CI): the
 #: executor must run the same code.

@@ -14,8 +14,8 @@ from typing import Any
 
 from twisted.internet import reactor, task
 
-from pyworker import wire
-from pyworker.pool import Executor, ExecutorPool
+from pyworker import frames
+from pyworker.frontend.pool import Executor, ExecutorPool
 
 observed: dict[str, Any] = {}
 
@@ -38,11 +38,11 @@ class Client:
         request = {"name": "shell", "command_id": self.name, "basedir": "/tmp", "io": {},
                    "args": {"workdir": "/tmp", "command": ["sleep", str(self.seconds)],
                             "logEnviron": False}}
-        executor.send(wire.frame(wire.START, marshal.dumps(request)))
+        executor.send(frames.frame(frames.START, marshal.dumps(request)))
 
     def executor_frame(self, kind: int, channel: int, payload: bytes) -> None:
-        if kind == wire.COMPLETE:
-            self.completed = wire.load(payload)
+        if kind == frames.COMPLETE:
+            self.completed = frames.load(payload)
             assert self.executor is not None
             self.pool.release(self.executor)
 

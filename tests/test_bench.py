@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from twisted.spread import banana
 
-from pyworker import bench
-from pyworker.embedded_master import CommandReceiver, FastBroker, LineSplitter
+from pyworker.bench import profiler as bench
+from pyworker.bench.embedded_master import CommandReceiver, FastBroker, LineSplitter
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Tests for the ``pyworker`` command line (pyworker.cli, pyworker.daemon) as real processes.
+"""Tests for the ``pyworker`` command line (pyworker.cli, pyworker.cli.daemon) as real processes.
 
 Each test runs a small launcher with an absolute interpreter path, like a console script,
 so that it also works with a completely empty environment. The front end is replaced by a
@@ -30,7 +30,7 @@ LAUNCHER = """\
 #!{python}
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
-import pyworker.daemon
+import pyworker.cli.daemon
 
 def fake_run_worker(config):
     from twisted.python import log
@@ -58,12 +58,12 @@ def broken_front_end():
     raise ImportError("no front end here")
 
 if {mode!r} == "broken":
-    pyworker.daemon._load_run_worker = broken_front_end
+    pyworker.cli.daemon._load_run_worker = broken_front_end
 elif {mode!r} != "real":
-    pyworker.daemon._load_run_worker = lambda: fake_run_worker
-pyworker.daemon.START_TIMEOUT = 1.0
-pyworker.daemon.DRAIN_REPORT_INTERVAL = 0.5
-from pyworker.cli import main
+    pyworker.cli.daemon._load_run_worker = lambda: fake_run_worker
+pyworker.cli.daemon.START_TIMEOUT = 1.0
+pyworker.cli.daemon.DRAIN_REPORT_INTERVAL = 0.5
+from pyworker.cli.main import main
 sys.exit(main())
 """
 
@@ -137,7 +137,7 @@ def daemons(tmp_path: Path) -> Iterator[None]:
 
 
 def cli_main(args: Sequence[str]) -> int:
-    from pyworker.cli import main
+    from pyworker.cli.main import main
 
     return main(args)
 
@@ -535,7 +535,7 @@ def test_stop_stale_and_garbage_pid(tmp_path: Path) -> None:
 
 def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process ignoring SIGQUIT/SIGTERM: 'never saw process go away' (in-process)."""
-    from pyworker import daemon
+    from pyworker.cli import daemon
 
     basedir = tmp_path / "w"
     create(launcher(tmp_path), basedir)
@@ -587,7 +587,7 @@ SETTINGS_OPTS = [
 
 
 def test_create_worker_pyworker_settings(tmp_path: Path) -> None:
-    from pyworker.tac import load_tac
+    from pyworker.cli.tac import load_tac
 
     exe = launcher(tmp_path)
     create(exe, tmp_path / "plain")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pyworker import compress, iocore
-from pyworker.compress import ChunkedCompressor, LevelSearch
+from pyworker import iocore
+from pyworker.executor import compress
+from pyworker.executor.compress import ChunkedCompressor, LevelSearch
 
 MiB = 1024 * 1024
 

@@ -26,9 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyworker import wire
+from pyworker import frames as wire
 from pyworker.iocore import _python
-from pyworker.lines import LINE_COUNT_RE, LineSplitter
+from pyworker.iocore.lines import LINE_COUNT_RE, LineSplitter
 
 try:
     from pyworker.iocore import _c

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyworker.lines import NEWLINE_RE, LineSplitter, normalize_newlines
+from pyworker.iocore.lines import NEWLINE_RE, LineSplitter, normalize_newlines
 
 
 def split_all(chunks: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Tests for pyworker.tac: the create-worker template and the non-executing tac loader."""
+"""Tests for pyworker.cli.tac: the create-worker template and the non-executing tac loader."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyworker.config import PROTOCOL_MSGPACK, WorkerConfig
-from pyworker.tac import (
+from pyworker.cli.tac import (
     TAC_MARKER,
     TacError,
     TacOptions,
@@ -21,6 +20,7 @@ from pyworker.tac import (
     pyworker_settings,
     write_tac,
 )
+from pyworker.config import PROTOCOL_MSGPACK, WorkerConfig
 
 
 def reference_exe() -> str | None:

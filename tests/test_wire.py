@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyworker import wire
+from pyworker import frames as wire
 
 
 def test_round_trip_value_and_raw_frames() -> None:

@@ -26,7 +26,7 @@ API (both twins):
 * ``copy_file(src_path, dst_path) -> None`` (copies the mode too)
 * ``FRAME_HEADER``: ``struct.Struct('<IBBH')``; ``FEATURES``/``features()``/
   ``set_features()``: optional syscalls compiled in / enabled.
-* ``StreamPump(out_fd, channel, max_line_length=4096, *, kind=wire.TEXT,
+* ``StreamPump(out_fd, channel, max_line_length=4096, *, kind=frames.TEXT,
   count_lines=False)``: one output stream of a command (pipe or PTY master)
   -> ``TEXT`` frames of whole lines on ``out_fd``, byte for byte what the
   executor's Python path sends (per chunk: incremental UTF-8 decoding with

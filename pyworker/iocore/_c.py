@@ -12,7 +12,7 @@ import shutil
 from types import TracebackType
 from typing import Any
 
-from pyworker import wire
+from pyworker import frames
 from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
 from pyworker.iocore._iocore import ffi, lib  # type: ignore[import-not-found]
 
@@ -184,7 +184,7 @@ class StreamPump:
     """
 
     def __init__(self, out_fd: int, channel: int, max_line_length: int = 4096, *,
-                 kind: int = wire.TEXT, count_lines: bool = False) -> None:
+                 kind: int = frames.TEXT, count_lines: bool = False) -> None:
         if not 0 <= kind <= 255 or not 0 <= channel <= 255:
             raise ValueError("kind and channel must be in 0..255")
         if not 2 <= max_line_length <= 1 << 24:

@@ -21,9 +21,9 @@ import zlib
 from collections.abc import Iterator
 from types import TracebackType
 
-from pyworker import wire
+from pyworker import frames
 from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
-from pyworker.lines import LINE_COUNT_RE, MAX_LINE_LENGTH, LineSplitter
+from pyworker.iocore.lines import LINE_COUNT_RE, MAX_LINE_LENGTH, LineSplitter
 
 try:
     import grp
@@ -403,7 +403,7 @@ class StreamPump:
     """
 
     def __init__(self, out_fd: int, channel: int, max_line_length: int = MAX_LINE_LENGTH, *,
-                 kind: int = wire.TEXT, count_lines: bool = False) -> None:
+                 kind: int = frames.TEXT, count_lines: bool = False) -> None:
         check_pump_args(kind, channel, max_line_length)
         self.out_fd = out_fd
         self.channel = channel

@@ -115,3 +115,15 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
         return len(self._buffer)
+
+
+def describe_usage(usage: dict[str, Any]) -> str:
+    """One line for a command's resource use (the worker log, ``report_resources``)."""
+    cpu = usage["cpu_user"] + usage["cpu_system"]
+    text = (f" resources: {cpu:.2f} CPU seconds (user {usage['cpu_user']:.2f}, "
+            f"system {usage['cpu_system']:.2f})")
+    if usage.get("peak_rss"):
+        text += f", peak RSS {usage['peak_rss'] / 2**20:.1f} MiB"
+    if usage.get("note"):
+        text += f"; {usage['note']}"
+    return text

@@ -10,8 +10,8 @@ from __future__ import annotations
 import glob
 import os
 
-from pyworker.commands.base import Command
-from pyworker.commands.shell import ProcessRunner
+from pyworker.executor.commands.base import Command
+from pyworker.executor.commands.shell import ProcessRunner
 
 
 class _OSErrorReporting(Command):

@@ -23,8 +23,9 @@ import termios
 import time
 from typing import Any
 
-from pyworker.commands.base import Command
-from pyworker.executor import Channel, CommandError, kill_descendants, reap_children
+from pyworker.executor.channel import Channel, CommandError
+from pyworker.executor.commands.base import Command
+from pyworker.executor.process import kill_descendants, reap_children
 
 READ_SIZE = 256 * 1024
 PIPE_SIZE = 1024 * 1024

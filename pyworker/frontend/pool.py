@@ -25,8 +25,8 @@ from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyworker import wire
-from pyworker.executor import PR_SET_CHILD_SUBREAPER, prctl
+from pyworker import frames
+from pyworker.linux import PR_SET_CHILD_SUBREAPER, prctl
 
 log = Logger()
 
@@ -34,10 +34,10 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
 
 #: How an executor starts: import pyworker from where this front end imported it.
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _EXECUTOR_BOOT = (
     f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-    "from pyworker.executor import main; sys.exit(main())"
+    "from pyworker.executor.main import main; sys.exit(main())"
 )
 
 
@@ -142,7 +142,7 @@ class Executor(protocol.ProcessProtocol):
 
     def __init__(self, pool: ExecutorPool) -> None:
         self.pool = pool
-        self.decoder = wire.FrameDecoder()
+        self.decoder = frames.FrameDecoder()
         self.client: ExecutorClient | None = None
         self.alive = True
         self.started_at = 0.0
@@ -187,10 +187,10 @@ class Executor(protocol.ProcessProtocol):
             for kind, channel, payload in self.decoder.feed(data):
                 if self.client is not None:
                     self.client.executor_frame(kind, channel, payload)
-                elif kind != wire.COMPLETE:
+                elif kind != frames.COMPLETE:
                     log.warn("executor {pid} sent frame {kind} with no command", pid=self.pid,
                              kind=kind)
-        except wire.WireError as e:
+        except frames.WireError as e:
             log.error("executor {pid} broke the wire protocol: {e}", pid=self.pid, e=e)
             self.kill()
 

@@ -2,7 +2,7 @@
 
 ``start`` checks and reads ``buildbot.tac``, sets up ``twistd.log`` (same line format
 and rotation as twistd), ``twistd.hostname`` and, when daemonising, ``twistd.pid``, then
-hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.run_worker`` and
+hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.worker.run_worker`` and
 exits with its return value. Files, messages and exit codes follow
 ``buildbot-worker`` 4.3.0 (``scripts/start.py``, ``stop.py``, ``restart.py``, twistd).
 
@@ -29,8 +29,8 @@ from twisted.logger import ILogObserver
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from pyworker.cli.tac import TacError, check_worker_dir, load_tac
 from pyworker.config import REFERENCE_VERSION, WorkerConfig
-from pyworker.tac import TacError, check_worker_dir, load_tac
 
 PIDFILE = "twistd.pid"
 #: Written by ``stop --graceful`` (the pid it sent SIGTERM to), so that running it again
@@ -375,7 +375,7 @@ class _Logging:
 
 
 def _load_run_worker() -> RunWorker:
-    from pyworker.frontend import run_worker
+    from pyworker.frontend.worker import run_worker
 
     return run_worker
 

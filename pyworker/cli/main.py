@@ -3,7 +3,7 @@
 Sub-commands ``create-worker``, ``start``, ``stop``, ``restart`` take the same options
 (parsed with Twisted's getopt-based ``usage.Options``, as the reference does) and print
 the same messages with the same exit codes; ``bench`` runs ``pyworker.bench``.
-``create-worker`` lives here; process management is in :mod:`pyworker.daemon`.
+``create-worker`` lives here; process management is in :mod:`pyworker.cli.daemon`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from twisted.python import usage
 
+from pyworker.cli.tac import LOG_FORMATS, CreateWorkerError, TacOptions, make_tac, write_tac
 from pyworker.config import (
     AUTO_LEVEL,
     LOWEST_LEVEL,
@@ -29,7 +30,6 @@ from pyworker.config import (
     REFERENCE_VERSION,
     valid_level,
 )
-from pyworker.tac import LOG_FORMATS, CreateWorkerError, TacOptions, make_tac, write_tac
 
 PROG = "pyworker"
 _NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
@@ -392,7 +392,7 @@ def version_text() -> str:
     """``--version``: the reference's two lines, then what this really is."""
     from twisted import copyright
 
-    from pyworker.daemon import _pyworker_version
+    from pyworker.cli.daemon import _pyworker_version
 
     return (
         f"worker version: {REFERENCE_VERSION}\n"
@@ -640,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if config.subCommand == "create-worker":
             return create_worker(sub)
-        from pyworker import daemon
+        from pyworker.cli import daemon
 
         if config.subCommand == "start":
             return daemon.start(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))

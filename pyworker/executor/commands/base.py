@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pyworker.executor import Channel, CommandError
+from pyworker.executor.channel import Channel, CommandError
 
 
 class Command:

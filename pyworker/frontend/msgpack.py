@@ -4,11 +4,12 @@ The worker opens a WebSocket (autobahn, Twisted API) to the master's msgpack por
 basic authentication in the upgrade request. Every frame is one binary msgpack map; each side
 numbers its own requests (``seq_number``) and answers the other's with ``op: 'response'``.
 
-Only the wire format lives here. Commands run exactly as for PB: each ``start_command``
-becomes a :class:`~pyworker.session.CommandSession` on the shared
-:class:`~pyworker.pool.ExecutorPool`, and :class:`MsgpackMasterSide` is the session's
-:class:`~pyworker.session.MasterSide` for this protocol. The master has already done all
-path work (absolute ``path``/``paths``/``workdir``...), so its arguments pass through.
+Only the wire format lives here: every request becomes a call on
+:class:`~pyworker.frontend.core.WorkerCore`, exactly as PB's remote methods do (argument
+checks, path policy and sessions are the core's), and :class:`MsgpackMasterSide` is the
+session's :class:`~pyworker.frontend.session.MasterSide` for this protocol. The master has
+already done all path work (absolute ``path``/``paths``/``workdir``...), so its arguments pass
+through, less the leftover master-side keys of the transfer commands.
 
 What the 4.3.0 master gets wrong, and what we do about it:
 
@@ -29,7 +30,7 @@ import base64
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgpack
@@ -41,10 +42,9 @@ from twisted.internet.endpoints import _parse as parse_endpoint_description
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyworker.session import TEXT_KEYS, CommandSession
-
-if TYPE_CHECKING:
-    from pyworker.frontend import Worker
+from pyworker import config as config_mod
+from pyworker.frontend.core import CommandRefused, WorkerCore
+from pyworker.frontend.session import TEXT_KEYS
 
 log = Logger()
 
@@ -109,8 +109,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def websocket_url(worker: Worker) -> str:
-    cfg = worker.config
+def websocket_url(cfg: config_mod.WorkerConfig) -> str:
     if cfg.connection_string:
         url = connection_string_to_ws_url(cfg.connection_string)
     else:
@@ -136,7 +135,7 @@ def text_value(text: str, now: float) -> list[Any]:
 
 
 class MsgpackMasterSide:
-    """Implements :class:`pyworker.session.MasterSide` with msgpack requests.
+    """Implements :class:`pyworker.frontend.session.MasterSide` with msgpack requests.
 
     Text goes out as whole lines only: the msgpack master stores what it gets without
     re-splitting it. The session already sends whole lines; should a text ever end without
@@ -218,6 +217,9 @@ class MsgpackMasterSide:
             return defer.fail(RuntimeError(f"msgpack has no {target}.{method}"))
         return self._request(msg)
 
+    def finished(self) -> None:
+        pass
+
     def _utime_failed(self, f: Failure) -> Failure | None:
         if f.check(RemoteError) and MASTER_UTIME_BUG in str(f.value):
             log.warn("(command {id}): the master cannot set the uploaded file's time stamps "
@@ -275,7 +277,7 @@ class MsgpackProtocol(WebSocketClientProtocol):
             self.transport.setTcpKeepAlive(1)
         except Exception:
             log.info("unable to set SO_KEEPALIVE")
-        self.factory.front.connected(self)
+        self.factory.front.connected_to(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
         log.info("WebSocket connection closed: {reason}", reason=reason)
@@ -342,7 +344,7 @@ class MsgpackProtocol(WebSocketClientProtocol):
                        lambda f: self._request_failed(msg, f))
 
     def _request_failed(self, msg: dict[str, Any], f: Failure) -> None:
-        if not f.check(KeyError, ValueError, RemoteError):
+        if not f.check(KeyError, ValueError, RemoteError, CommandRefused):
             log.failure("while answering {op}", f, op=msg.get("op"))
         text = str(f.value.args[0]) if f.check(KeyError) and f.value.args else str(f.value)
         self.respond(msg, text, is_exception=True)
@@ -368,13 +370,14 @@ def _need(msg: dict[str, Any], *keys: str) -> None:
 
 
 class MsgpackFront:
-    """Serves the master's requests on whichever connection is current."""
+    """Serves the master's requests on whichever connection is current, through the core.
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.bot = worker.bot
+    It is also the msgpack :class:`~pyworker.frontend.core.Link` of the worker.
+    """
+
+    def __init__(self, core: WorkerCore) -> None:
+        self.core = core
         self.proto: MsgpackProtocol | None = None
-        self.sessions: dict[str, CommandSession] = {}
         self.settings: dict[str, Any] = {}
         self.handlers: dict[str, Callable[[MsgpackProtocol, dict[str, Any]], Any]] = {
             "print": self.op_print,
@@ -386,39 +389,37 @@ class MsgpackFront:
             "shutdown": self.op_shutdown,
         }
 
+    # -- Link ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.proto is not None
+
+    def ask_master_to_drain(self) -> defer.Deferred[Any] | None:
+        return None  # msgpack has no worker -> master shutdown (PROTOCOL.md appendix A)
+
     # -- connection state ----------------------------------------------------------------
 
-    def connected(self, proto: MsgpackProtocol) -> None:
+    def connected_to(self, proto: MsgpackProtocol) -> None:
         self.proto = proto
-        self.worker.mark_connected(True)
+        self.core.connection_made()
 
     def disconnected(self, proto: MsgpackProtocol) -> None:
         if self.proto is proto:
             self.proto = None
-            self.worker.mark_connected(False)
-        log.info("lost connection to the master")
-        self.stop_all(proto)
-
-    def stop_all(self, proto: MsgpackProtocol | None = None) -> None:
-        """Stop the commands (of ``proto``, or all) with no further output."""
-        for command_id, session in list(self.sessions.items()):
-            master = session.master
-            if proto is None or getattr(master, "proto", None) is proto:
-                log.info("stopCommand: halting current command {id}", id=command_id)
-                self.sessions.pop(command_id, None)
-                session.silence()
+        self.core.connection_lost(proto)
 
     # -- ops -----------------------------------------------------------------------------
 
     def op_print(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
         _need(msg, "message")
-        self.bot.remote_print(msg["message"])
+        self.core.print_message(msg["message"])
 
     def op_keepalive(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
         log.debug("keepalive from the master")
 
     def op_get_worker_info(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> dict[str, Any]:
-        return self.bot.remote_getWorkerInfo()
+        return self.core.worker_info()
 
     def op_set_worker_settings(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
         _need(msg, "args")
@@ -434,59 +435,29 @@ class MsgpackFront:
 
     def op_start_command(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
         _need(msg, "command_id", "command_name", "args")
-        from pyworker.frontend import WORKER_COMMANDS
-
         command_id = str(msg["command_id"])
         command = msg["command_name"]
         args = msg["args"]
         builder = msg.get("builder_name")
-        if command not in WORKER_COMMANDS:
-            raise ValueError(f"(command {command_id}): unrecognized WorkerCommand '{command}'")
-        if not isinstance(args, dict):
-            raise ValueError(f"{command}: args must be a map, not {type(args).__name__}")
-        args = {k: v for k, v in args.items() if k not in ("writer", "reader")}
-        for key in TRANSFER_LEFTOVERS.get(command, ()):
-            args.pop(key, None)
-        old = self.sessions.pop(command_id, None)
-        if old is not None:
-            log.info("leftover command {id}, dropping it", id=command_id)
-            old.silence()
-        request = {
-            "name": command,
-            "args": args,
-            "command_id": command_id,
-            "basedir": self.bot.basedir,
-            "io": self.bot.io_settings,
-        }
-        session = CommandSession(
-            self.bot.pool, MsgpackMasterSide(proto, command_id, command), command, command_id,
-            request, on_done=self._command_done,
+        if isinstance(args, dict):
+            args = {k: v for k, v in args.items()
+                    if k not in TRANSFER_LEFTOVERS.get(command, ())}
+        self.core.start_command(
+            MsgpackMasterSide(proto, command_id, command), _builder_name(builder), command_id,
+            command, args, connection=proto,
         )
-        log.info("(command {id}): startCommand:{command} (builder {b})", id=command_id,
-                 command=command, b=builder if builder is not None else "<setup>")
-        try:
-            session.start()
-        except ValueError as e:
-            raise ValueError(f"{command}: an argument cannot be carried: {e}") from None
-        self.sessions[command_id] = session
-
-    def _command_done(self, session: CommandSession) -> None:
-        if self.sessions.get(session.command_id) is session:
-            del self.sessions[session.command_id]
 
     def op_interrupt_command(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
         _need(msg, "command_id", "why")
-        command_id = str(msg["command_id"])
-        log.info("(command {id}): asked to interrupt: reason {why}", id=command_id,
-                 why=msg["why"])
-        session = self.sessions.get(command_id)
-        if session is None:
-            log.info(" .. but none was running")
-            return
-        session.interrupt(str(msg["why"]))
+        self.core.interrupt_command(_builder_name(msg.get("builder_name")),
+                                    str(msg["command_id"]), msg["why"])
 
     def op_shutdown(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:
-        self.bot.remote_shutdown()
+        self.core.shutdown()
+
+
+def _builder_name(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class MsgpackService(ClientService):
@@ -497,22 +468,23 @@ class MsgpackService(ClientService):
         self.front = front
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted
-        self.front.stop_all()
+        self.front.core.stop_commands()
         return super().stopService()
 
 
-def msgpack_service(worker: Worker, policy: Callable[[int], float]) -> ClientService:
-    """The connection service of a worker whose protocol is ``msgpack_experimental_v7``.
-
-    Same endpoint (TCP or TLS, connection string, HTTP proxy) and reconnect policy as PB.
-    """
-    cfg = worker.config
+def msgpack_link(core: WorkerCore, endpoint: Any,
+                 policy: Callable[[int], float]) -> tuple[MsgpackFront, ClientService]:
+    """The link and the connection service of a worker whose protocol is
+    ``msgpack_experimental_v7``: same endpoint (TCP or TLS, connection string, HTTP proxy)
+    and reconnect policy as PB."""
+    cfg = core.config
     auth = encode_basic_auth(cfg.workername, cfg.password)
-    url = websocket_url(worker)
+    url = websocket_url(cfg)
     if urlsplit(url).scheme not in ("ws", "wss"):
         raise ValueError(f"not a WebSocket URL: {url}")
-    front = MsgpackFront(worker)
+    front = MsgpackFront(core)
     factory = MsgpackFactory(front, url, auth)
     log.info("connecting to {url} with msgpack_experimental_v7 (pid {pid})", url=url,
              pid=os.getpid())
-    return MsgpackService(front, worker.endpoint(), factory, retryPolicy=policy)
+    return front, MsgpackService(front, endpoint, factory, retryPolicy=policy,
+                                 clock=core.reactor)

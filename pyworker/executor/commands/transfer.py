@@ -36,11 +36,11 @@ import tempfile
 from collections import deque
 from typing import Any
 
-from pyworker import iocore, wire
-from pyworker.commands.base import Command
-from pyworker.compress import ChunkedCompressor, default_threads
+from pyworker import frames, iocore
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
-from pyworker.executor import Channel, CommandError
+from pyworker.executor.channel import Channel, CommandError
+from pyworker.executor.commands.base import Command
+from pyworker.executor.compress import ChunkedCompressor, default_threads
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
 BLOCK_SIZE = 128 * 1024
@@ -136,9 +136,9 @@ class _Upload(_Transfer):
 
     def _ack(self) -> None:
         kind, _, payload = self.channel.next_frame()
-        if kind != wire.ACK:
-            raise wire.WireError(f"unexpected frame kind {kind} while waiting for an ACK")
-        n, error = wire.load(payload)
+        if kind != frames.ACK:
+            raise frames.WireError(f"unexpected frame kind {kind} while waiting for an ACK")
+        n, error = frames.load(payload)
         self.frames -= 1
         self.in_flight -= n
         if error is not None and self.write_error is None:
@@ -211,7 +211,7 @@ class UploadFile(_Upload):
                     self.rc = 1
                 return
             try:
-                got = iocore.send_file_frames(fd, self.channel.wfd, wire.WRITE, 0, n, n)
+                got = iocore.send_file_frames(fd, self.channel.wfd, frames.WRITE, 0, n, n)
             except OSError as e:
                 self.failure = f"{type(e).__name__}: {e}"
                 return
@@ -283,7 +283,7 @@ class UploadDirectory(_Upload):
                 return False
             if not data:
                 return True
-            self.channel.write(wire.frame(wire.WRITE, data))
+            self.channel.write(frames.frame(frames.WRITE, data))
             self.sent(len(data))
         self.rc = 1
         return True
@@ -346,14 +346,14 @@ class DownloadFile(_Transfer):
                 if n <= 0:
                     limit_reached = not pending
                     break
-                self.channel.write(wire.value_frame(wire.READ, n))
+                self.channel.write(frames.value_frame(frames.READ, n))
                 pending.append(n)
                 asked += n
             if not pending:
                 break
             kind, _, payload = self.channel.next_frame()
             asked -= pending.popleft()
-            if kind == wire.DATA:
+            if kind == frames.DATA:
                 if not payload:
                     eof = True
                 elif not (eof or self.failure is not None or self.interrupted):
@@ -362,12 +362,12 @@ class DownloadFile(_Transfer):
                     except OSError as e:
                         self.failure = f"{type(e).__name__}: {e}"  # the reference keeps rc 0
                     received += len(payload)
-            elif kind == wire.RESULT:
-                ok, value = wire.load(payload)
+            elif kind == frames.RESULT:
+                ok, value = frames.load(payload)
                 if not ok and self.failure is None:
                     self.failure = str(value)
             else:
-                raise wire.WireError(f"unexpected frame kind {kind} while waiting for DATA")
+                raise frames.WireError(f"unexpected frame kind {kind} while waiting for DATA")
         if self.failure is not None:
             return False
         if self.interrupted and not eof:

@@ -1,6 +1,6 @@
 """``pyworker bench``: how fast a worker moves bytes, and what it costs in CPU.
 
-The bench starts an :mod:`embedded master <pyworker.embedded_master>` in this process (the
+The bench starts an :mod:`embedded master <pyworker.bench.embedded_master>` in this process (the
 Twisted reactor runs in a background thread) and one or more real worker processes
 (``pyworker start --nodaemon`` in a temporary base directory, or any executable with the
 ``buildbot-worker`` command line via ``--against``). Each scenario sends the worker the
@@ -314,7 +314,7 @@ def pyworker_argv() -> list[str]:
     """The pyworker CLI from these sources, with this interpreter."""
     boot = (
         f"import sys; sys.path.insert(0, {PKG_PARENT!r}); "
-        "from pyworker.cli import main; sys.exit(main())"
+        "from pyworker.cli.main import main; sys.exit(main())"
     )
     return [sys.executable, "-c", boot]
 
@@ -449,7 +449,7 @@ def sc_streams(bench: Bench, worker: Worker, r: Run) -> None:
 
 
 def sc_upload_file(bench: Bench, worker: Worker, r: Run) -> None:
-    from pyworker.embedded_master import FileWriter
+    from pyworker.bench.embedded_master import FileWriter
 
     size = bench.size("size_upload")
     src = os.path.join(worker.basedir, "b0", "build", f"upload-{size}.bin")
@@ -489,7 +489,7 @@ def sc_upload_file(bench: Bench, worker: Worker, r: Run) -> None:
 
 
 def sc_download_file(bench: Bench, worker: Worker, r: Run) -> None:
-    from pyworker.embedded_master import FileReader
+    from pyworker.bench.embedded_master import FileReader
 
     size = bench.size("size_download")
     src = os.path.join(bench.master_dir, f"download-{size}.bin")
@@ -540,7 +540,7 @@ def _tree(bench: Bench, worker: Worker, key: str) -> tuple[str, Manifest, int]:
 
 def _upload_dir_scenario(compress: str | None) -> Callable[[Bench, Worker, Run], None]:
     def run(bench: Bench, worker: Worker, r: Run) -> None:
-        from pyworker.embedded_master import FileWriter
+        from pyworker.bench.embedded_master import FileWriter
 
         rel, manifest, total = _tree(bench, worker, f"size_dir_{compress or 'none'}")
         unpack_to = os.path.join(bench.master_dir, f"unpacked-{worker.name}")
@@ -733,7 +733,7 @@ class Bench:
     # set up
 
     def start_master(self, names: list[str]) -> int:
-        from pyworker.embedded_master import EmbeddedMaster
+        from pyworker.bench.embedded_master import EmbeddedMaster
 
         builders = [f"b{i}" for i in range(max(self.streams, 1))]
         self.master = EmbeddedMaster({n: "benchpw" for n in names}, builders)

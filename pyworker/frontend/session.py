@@ -19,9 +19,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pyworker import wire
-from pyworker.metrics import STATS
-from pyworker.pool import Executor, ExecutorPool
+from pyworker import frames
+from pyworker.frontend.metrics import STATS
+from pyworker.frontend.pool import Executor, ExecutorPool
 
 log = Logger()
 
@@ -30,7 +30,7 @@ BATCH_BYTES = 512 * 1024
 #: Stop reading the executor when this much output waits for the master; resume below LOW.
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
-TEXT_KEYS = frozenset(wire.TEXT_CHANNELS)
+TEXT_KEYS = frozenset(frames.TEXT_CHANNELS)
 
 
 class MasterSide(Protocol):
@@ -43,6 +43,9 @@ class MasterSide(Protocol):
 
     def call(self, target: str, method: str, args: tuple[Any, ...]) -> defer.Deferred[Any]:
         """Call ``method`` on the master's ``writer`` or ``reader`` for this command."""
+
+    def finished(self) -> None:
+        """The session is over (completed or stopped): drop what watches the master."""
 
 
 class CommandSession:
@@ -72,6 +75,10 @@ class CommandSession:
         self.interrupted = False
         self._writes_failed: str | None = None
         self.bytes_out = 0
+        #: The builder the command runs for (None: a setup command), and the connection
+        #: whose loss stops it; set by the core.
+        self.builder: str | None = None
+        self.connection: object = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -82,9 +89,9 @@ class CommandSession:
 
     def _started(self, executor: Executor, payload: bytes) -> None:
         self.executor = executor
-        executor.send(wire.frame(wire.START, payload))
+        executor.send(frames.frame(frames.START, payload))
         if self.interrupted:
-            executor.send(wire.value_frame(wire.INTERRUPT, "interrupted"))
+            executor.send(frames.value_frame(frames.INTERRUPT, "interrupted"))
 
     def interrupt(self, why: str) -> None:
         """The master asked to stop the command (it still expects ``complete``)."""
@@ -92,7 +99,7 @@ class CommandSession:
             return
         self.interrupted = True
         if self.executor is not None:
-            self.executor.send(wire.value_frame(wire.INTERRUPT, why or "interrupted"))
+            self.executor.send(frames.value_frame(frames.INTERRUPT, why or "interrupted"))
         elif self.pool.cancel_wait(self):
             # Never started: finish as an interrupted command would, with no rc.
             self._finish(None)
@@ -115,31 +122,29 @@ class CommandSession:
     # -- executor frames -----------------------------------------------------------------
 
     def executor_frame(self, kind: int, channel: int, payload: bytes) -> None:
-        if kind == wire.TEXT:
+        if kind == frames.TEXT:
             if not self.silenced:
-                self._queue(wire.TEXT_CHANNELS[channel], payload.decode("utf-8"), len(payload))
-        elif kind == wire.UPDATE:
+                self._queue(frames.TEXT_CHANNELS[channel], payload.decode("utf-8"), len(payload))
+        elif kind == frames.UPDATE:
             if not self.silenced:
-                for key, value in wire.load(payload):
+                for key, value in frames.load(payload):
                     self._queue(key, value, 20)
-        elif kind == wire.LOG:
+        elif kind == frames.LOG:
             if not self.silenced:
-                logname, text = wire.load(payload)
+                logname, text = frames.load(payload)
                 self._queue("log", (logname, text), len(text))
-        elif kind == wire.COMPLETE:
-            self._finish(wire.load(payload))
-        elif kind == wire.USAGE:
-            from pyworker.executor import describe_usage
-
+        elif kind == frames.COMPLETE:
+            self._finish(frames.load(payload))
+        elif kind == frames.USAGE:
             log.info("(command {id}): {name}{usage}", id=self.command_id, name=self.name,
-                     usage=describe_usage(wire.load(payload)))
-        elif kind == wire.CALL:
-            target, method, args = wire.load(payload)
+                     usage=frames.describe_usage(frames.load(payload)))
+        elif kind == frames.CALL:
+            target, method, args = frames.load(payload)
             self._relay_call(target, method, tuple(args))
-        elif kind == wire.WRITE:
+        elif kind == frames.WRITE:
             self._relay_write(payload)
-        elif kind == wire.READ:
-            self._relay_read(wire.load(payload))
+        elif kind == frames.READ:
+            self._relay_read(frames.load(payload))
         else:
             log.warn("unexpected frame kind {kind} from executor", kind=kind)
 
@@ -240,39 +245,39 @@ class CommandSession:
 
     def _answer(self, kind: int, value: Any) -> None:
         if self.executor is not None:
-            self.executor.send(wire.value_frame(kind, value))
+            self.executor.send(frames.value_frame(kind, value))
 
     def _relay_call(self, target: str, method: str, args: tuple[Any, ...]) -> None:
         if self.silenced:
-            self._answer(wire.RESULT, (False, "the connection to the master was lost"))
+            self._answer(frames.RESULT, (False, "the connection to the master was lost"))
             return
         d = self.master.call(target, method, args)
         d.addCallbacks(
-            lambda value: self._answer(wire.RESULT, (True, _plain(value))),
-            lambda f: self._answer(wire.RESULT, (False, _failure_text(f))),
+            lambda value: self._answer(frames.RESULT, (True, _plain(value))),
+            lambda f: self._answer(frames.RESULT, (False, _failure_text(f))),
         )
 
     def _relay_write(self, data: bytes) -> None:
         n = len(data)
         if self.silenced or self._writes_failed is not None:
-            self._answer(wire.ACK, (n, self._writes_failed or "the connection was lost"))
+            self._answer(frames.ACK, (n, self._writes_failed or "the connection was lost"))
             return
 
         def failed(f: Failure) -> None:
             if self._writes_failed is None:
                 self._writes_failed = _failure_text(f)
-            self._answer(wire.ACK, (n, self._writes_failed))
+            self._answer(frames.ACK, (n, self._writes_failed))
 
         def written(_: Any) -> None:
             STATS.bytes["upload"] += n
-            self._answer(wire.ACK, (n, None))
+            self._answer(frames.ACK, (n, None))
 
         d = self.master.call("writer", "write", (data,))
         d.addCallbacks(written, failed)
 
     def _relay_read(self, length: int) -> None:
         if self.silenced:
-            self._answer(wire.RESULT, (False, "the connection to the master was lost"))
+            self._answer(frames.RESULT, (False, "the connection to the master was lost"))
             return
 
         def got(data: Any) -> None:
@@ -281,10 +286,10 @@ class CommandSession:
             if isinstance(data, str):
                 data = data.encode("utf-8")
             STATS.bytes["download"] += len(data or b"")
-            self.executor.send(wire.frame(wire.DATA, data or b""))
+            self.executor.send(frames.frame(frames.DATA, data or b""))
 
         d = self.master.call("reader", "read", (length,))
-        d.addCallbacks(got, lambda f: self._answer(wire.RESULT, (False, _failure_text(f))))
+        d.addCallbacks(got, lambda f: self._answer(frames.RESULT, (False, _failure_text(f))))
 
 
 def _failure_text(f: Failure) -> str:

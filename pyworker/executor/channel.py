@@ -1,0 +1,187 @@
+"""The executor's end of its pipe pair, and the errors a command can end with.
+
+:class:`Channel` carries a command's output to the front end in the frames of
+:mod:`pyworker.frames` (text through line splitters or the I/O core's pumps) and reads the
+front end's control frames (``INTERRUPT``, answers to the command's calls).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+from collections import deque
+from typing import Any
+
+from pyworker import frames
+from pyworker.iocore.lines import LineSplitter
+
+
+class FrontEndGone(Exception):
+    """Our stdin reached EOF or the parent-death SIGTERM came: the front end is gone."""
+
+    @classmethod
+    def now(cls) -> FrontEndGone:
+        # The other signal of the same event (EOF and SIGTERM both come) must not abort the
+        # clean-up that this one starts.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return cls()
+
+
+class CommandError(Exception):
+    """A command failed in a way the master must see as a failed step (``complete(failure)``)."""
+
+
+class Channel:
+    """The executor's end of the pipe pair, plus the per-command output state.
+
+    Output text goes through one :class:`LineSplitter` per stream so that the front end only
+    ever receives whole lines; :meth:`finish` flushes the unfinished tails in the reference's
+    order (sorted stream names) before ``COMPLETE``.
+    """
+
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self._decoder = frames.FrameDecoder()
+        self._inbox: deque[tuple[int, int, bytes]] = deque()
+        self._splitters: dict[str, LineSplitter] = {}
+        #: Process output streams: decoded, split and framed by the I/O core, written
+        #: straight to our event pipe.
+        self._pumps: dict[str, Any] = {}
+        self.interrupt_reason: str | None = None
+        #: Set by :meth:`interrupted_hook` owners: called when an ``INTERRUPT`` arrives.
+        self.on_interrupt: Any = None
+        #: After an interrupt, status updates are suppressed except the shell runner's.
+        self.running = True
+        #: Largest RSS (bytes) seen of the current command's process tree, if measured.
+        self.peak_rss = 0
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except InterruptedError:
+                continue
+            view = view[n:]
+
+    def update(self, pairs: list[tuple[str, Any]], force: bool = False) -> None:
+        """Send non-text updates (``rc``, ``elapsed``, ``stat``, ...)."""
+        if self.running or force:
+            self.write(frames.value_frame(frames.UPDATE, pairs))
+
+    def text(self, key: str, text: str, force: bool = False) -> None:
+        """Send stream text (``header``, ``stdout``, ``stderr``) through its line splitter."""
+        if not (self.running or force) or not text:
+            return
+        splitter = self._splitters.get(key)
+        if splitter is None:
+            splitter = self._splitters[key] = LineSplitter()
+        lines = splitter.append(text)
+        if lines:
+            self.write(frames.frame(frames.TEXT, lines.encode("utf-8"), frames.CHANNEL_OF[key]))
+
+    def pump(self, key: str, count_lines: bool = False) -> Any:
+        """The :class:`pyworker.iocore.StreamPump` of stream ``key`` for this command."""
+        pump = self._pumps.get(key)
+        if pump is None:
+            from pyworker import iocore
+
+            pump = self._pumps[key] = iocore.StreamPump(
+                self.wfd, frames.CHANNEL_OF[key], count_lines=count_lines
+            )
+        return pump
+
+    def log(self, name: str, text: str, force: bool = False) -> None:
+        """Send text of a watched logfile through the splitter for that log name."""
+        if not (self.running or force) or not text:
+            return
+        splitter = self._splitters.get("log:" + name)
+        if splitter is None:
+            splitter = self._splitters["log:" + name] = LineSplitter()
+        lines = splitter.append(text)
+        if lines:
+            self.write(frames.value_frame(frames.LOG, (name, lines)))
+
+    def finish(self, failure: str | None) -> None:
+        """Flush the unfinished lines of every stream (sorted by name, as the reference) and
+        send ``COMPLETE``."""
+        keys = set(self._splitters) | set(self._pumps)
+        for key in sorted(keys, key=lambda k: k.removeprefix("log:")):
+            splitter = self._splitters.get(key)
+            tail = splitter.flush() if splitter is not None else ""
+            if tail:  # flushed after an interrupt too, as the reference's completion does
+                if key.startswith("log:"):
+                    self.write(frames.value_frame(frames.LOG, (key[4:], tail)))
+                else:
+                    self.write(frames.frame(frames.TEXT, tail.encode("utf-8"),
+                                            frames.CHANNEL_OF[key]))
+            pump = self._pumps.get(key)
+            if pump is not None:
+                pump.flush()
+                pump.close()
+        self._splitters.clear()
+        self._pumps.clear()
+        self.write(frames.value_frame(frames.COMPLETE, failure))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def fill(self) -> None:
+        """Read what is available on the control pipe (one read) and queue its frames."""
+        try:
+            data = os.read(self.rfd, self.READ_SIZE)
+        except InterruptedError:
+            return
+        if not data:
+            raise FrontEndGone.now()
+        for item in self._decoder.feed(data):
+            if item[0] == frames.INTERRUPT:
+                self._interrupt(marshal.loads(item[2]))
+            else:
+                self._inbox.append(item)
+
+    def _interrupt(self, reason: str) -> None:
+        if self.interrupt_reason is None:
+            self.interrupt_reason = reason or "interrupted"
+            self.running = False
+            if self.on_interrupt is not None:
+                self.on_interrupt()
+
+    def next_frame(self) -> tuple[int, int, bytes]:
+        """Block until a control frame other than ``INTERRUPT`` arrives and return it."""
+        while not self._inbox:
+            self.fill()
+        return self._inbox.popleft()
+
+    def has_frame(self) -> bool:
+        return bool(self._inbox)
+
+    def call(self, target: str, method: str, *args: Any) -> Any:
+        """Call ``method`` on the master's ``target`` reference; wait for and return its result.
+
+        Raises :class:`CommandError` with the master's message if the call failed.
+        """
+        self.write(frames.value_frame(frames.CALL, (target, method, args)))
+        while True:
+            kind, _, payload = self.next_frame()
+            if kind == frames.RESULT:
+                ok, value = frames.load(payload)
+                if not ok:
+                    raise CommandError(value)
+                return value
+            raise frames.WireError(f"unexpected frame kind {kind} while waiting for a result")
+
+    def reset(self) -> None:
+        self._inbox.clear()
+        self._splitters.clear()
+        for pump in self._pumps.values():
+            pump.close()
+        self._pumps.clear()
+        self.interrupt_reason = None
+        self.on_interrupt = None
+        self.running = True
