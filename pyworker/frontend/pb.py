@@ -153,21 +153,20 @@ class WorkerForBuilder(pb.Referenceable):
     def remote_startCommand(  # noqa: N802 - protocol name
         self, command_ref: Any, command_id: str, command: str, args: Any
     ) -> None:
-        try:
-            if command not in self.core.commands():
-                raise core_mod.UnknownCommand(
-                    f"(command {command_id}): unrecognized WorkerCommand '{command}'")
-            if not isinstance(args, dict):
-                raise CommandRefused(
-                    f"{command}: args must be a dictionary, not {type(args).__name__}")
+        refs: dict[str, Any] = {}
+        plain: object = args
+        if isinstance(args, dict):
             refs = {k: args[k] for k in ("writer", "reader") if k in args}
-            plain = translate_pb_args(
-                command, {k: v for k, v in args.items() if k not in refs}, self.builder.path)
+            if isinstance(command, str) and command in core_mod.WORKER_COMMANDS:
+                plain = translate_pb_args(
+                    command, {k: v for k, v in args.items() if k not in refs},
+                    self.builder.path)
+        master = PBMasterSide(command_ref, refs)
+        try:
+            session = self.core.start_command(master, self.builder.name, str(command_id),
+                                              command, plain, connection=command_ref.broker)
         except core_mod.UnknownCommand as e:
             raise UnknownCommand(str(e)) from None
-        master = PBMasterSide(command_ref, refs)
-        session = self.core.start_command(master, self.builder.name, str(command_id), command,
-                                          plain, connection=command_ref.broker)
         master.watch(lambda _: self.core.forget_command(session))
 
     def remote_interruptCommand(self, command_id: str, why: str) -> None:  # noqa: N802
