@@ -158,9 +158,7 @@ class WorkerForBuilder(pb.Referenceable):
         if isinstance(args, dict):
             refs = {k: args[k] for k in ("writer", "reader") if k in args}
             if isinstance(command, str) and command in core_mod.WORKER_COMMANDS:
-                plain = translate_pb_args(
-                    command, {k: v for k, v in args.items() if k not in refs},
-                    self.builder.path)
+                plain = translate_pb_args(command, args, self.builder.path)
         master = PBMasterSide(command_ref, refs)
         try:
             session = self.core.start_command(master, self.builder.name, str(command_id),
