@@ -99,9 +99,8 @@ class Setting:
         elif isinstance(value, str):
             if value in self.words:
                 return value
-        elif isinstance(value, int) and not isinstance(value, bool) and self.low is not None:
-            assert self.high is not None
-            if self.low <= value <= self.high:
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if self.low is not None and self.high is not None and self.low <= value <= self.high:
                 return value
         raise SettingError(f"must be {self.allowed}, not {value!r}")
 

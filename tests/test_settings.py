@@ -93,6 +93,13 @@ def test_create_worker_options_come_from_the_table() -> None:
             assert setting.option not in flags
 
 
+def test_tac_writer_refuses_what_is_not_a_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'metric_port' is not a pyworker setting"):
+        make_tac(TacOptions(str(tmp_path), "h", 1, "w", "pw", settings={"metric_port": 1}))
+    with pytest.raises(SettingError, match="must be 'text' or 'json', not 'xml'"):
+        make_tac(TacOptions(str(tmp_path), "h", 1, "w", "pw", settings={"log_format": "xml"}))
+
+
 def test_valid_level_is_the_table_check() -> None:
     # the executor's check of a level (executor/compress.py, commands/transfer.py)
     for fmt, low in (("gz", 0), ("bz2", 1)):

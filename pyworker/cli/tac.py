@@ -6,6 +6,10 @@ assignments (literals, simple arithmetic, earlier names, ``os.path`` helpers on
 ``__file__``, and ``if`` tests it can decide, such as the relocatable ``basedir == '.'``
 block), reads the arguments of the ``Worker(...)`` call (or, without one, the variables
 the template defines) and returns a :class:`~pyworker.config.WorkerConfig`.
+
+pyworker's own settings (:data:`pyworker.config.SETTINGS`) are written as plain assignments
+after ``protocol = ...`` and read back with the table's one check,
+:meth:`~pyworker.config.Setting.check`.
 """
 
 from __future__ import annotations
@@ -144,11 +148,11 @@ def pyworker_settings(opts: TacOptions) -> str:
     """The tac lines for pyworker's own settings; empty when all are at their defaults.
 
     Raises :class:`~pyworker.config.SettingError` for a value a setting does not take and
-    ``KeyError`` for a name that is not a setting.
+    ``ValueError`` for a name that is not a setting.
     """
     for name in opts.settings:
         if name not in SETTINGS_BY_NAME:
-            raise KeyError(f"{name!r} is not a pyworker setting")
+            raise ValueError(f"{name!r} is not a pyworker setting")
     lines: list[str] = []
     for setting in SETTINGS:
         line = setting.tac_line(setting.check(opts.settings.get(setting.name)))
