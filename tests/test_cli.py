@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import pyworker
+from pyworker.config import SETTINGS
 
 #: Where the pyworker under test is imported from (site-packages in CI, else the tree);
 #: the launchers import the very same package.
@@ -288,8 +289,7 @@ def test_create_worker_errors(
 
 
 #: create-worker options only pyworker has (documented in its --help).
-PYWORKER_ONLY_OPTIONS = {"restrict-paths", "metrics-port", "log-format", "report-resources",
-                         "gzip-level", "bz2-level", "compress-threads"}
+PYWORKER_ONLY_OPTIONS = {setting.option for setting in SETTINGS}
 _OPTION_LINE = re.compile(r"^  (?:-\w, |    )--([\w-]+)")
 
 
@@ -643,17 +643,22 @@ def test_reference_runs_tac_with_pyworker_settings(tmp_path: Path) -> None:
     assert result.stdout == "Worker 9101 json\n"
 
 
+_PORT = "metrics-port must be a TCP port number from 1 to 65535 or None"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--metrics-port=http"], "metrics-port parameter needs to be a number"),
-        (["--metrics-port=0"], "metrics-port parameter needs to be a port (1-65535)"),
-        (["--metrics-port=65536"], "metrics-port parameter needs to be a port (1-65535)"),
-        (["--log-format=xml"], "log-format needs to be one of 'text' or 'json'"),
-        (["--gzip-level=10"], "gzip-level needs to be 'auto' or 0-9"),
-        (["--bz2-level=0"], "bz2-level needs to be 'auto' or 1-9"),
-        (["--compress-threads=0"], "compress-threads needs to be a number from 1 to 64"),
-        (["--compress-threads=many"], "compress-threads needs to be a number from 1 to 64"),
+        (["--metrics-port=http"], _PORT + ", not 'http'"),
+        (["--metrics-port=0"], _PORT + ", not 0"),
+        (["--metrics-port=65536"], _PORT + ", not 65536"),
+        (["--log-format=xml"], "log-format must be 'text' or 'json', not 'xml'"),
+        (["--gzip-level=10"], "gzip-level must be 'auto' or a number from 0 to 9, not 10"),
+        (["--bz2-level=0"], "bz2-level must be 'auto' or a number from 1 to 9, not 0"),
+        (["--compress-threads=0"], "compress-threads must be a number from 1 to 64 or None, "
+                                   "not 0"),
+        (["--compress-threads=many"], "compress-threads must be a number from 1 to 64 or None, "
+                                      "not 'many'"),
     ],
 )
 def test_create_worker_settings_errors(

@@ -319,13 +319,15 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
         1,
         "n",
         "p",
-        restrict_paths=True,
-        metrics_port=9100,
-        log_format="json",
-        report_resources=True,
-        gzip_level=0,
-        bz2_level=9,
-        compress_threads=3,
+        settings={
+            "restrict_paths": True,
+            "metrics_port": 9100,
+            "log_format": "json",
+            "report_resources": True,
+            "gzip_level": 0,
+            "bz2_level": 9,
+            "compress_threads": 3,
+        },
     )
     text = make_tac(opts)
     assert text != base and text.replace(pyworker_settings(opts), "") == base
@@ -344,20 +346,27 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
     assert (config.gzip_level, config.bz2_level, config.compress_threads) == ("auto", "auto", None)
 
 
+_PORT = "metrics_port must be a TCP port number from 1 to 65535 or None"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("metrics_port = '9100'", "metrics_port must be int or None"),
-        ("metrics_port = 70000", "metrics_port must be a TCP port number"),
-        ("metrics_port = True", "metrics_port must be a TCP port number"),
-        ("log_format = 'xml'", "log_format must be 'text' or 'json'"),
-        ("restrict_paths = 'yes'", "restrict_paths must be int or None"),
+        ("metrics_port = '9100'", _PORT + ", not '9100'"),
+        ("metrics_port = 70000", _PORT + ", not 70000"),
+        ("metrics_port = 0", _PORT + ", not 0"),
+        ("metrics_port = True", _PORT + ", not True"),
+        ("log_format = 'xml'", "log_format must be 'text' or 'json', not 'xml'"),
+        ("restrict_paths = 'yes'", "restrict_paths must be 0 or 1, not 'yes'"),
+        ("restrict_paths = 2", "restrict_paths must be 0 or 1, not 2"),
+        ("report_resources = 1.0", "report_resources must be 0 or 1, not 1.0"),
         ("report_resources = os.environ.get('R')", "'report_resources' is set by an expression"),
-        ("gzip_level = 10", "gzip_level must be 'auto' or 0 to 9"),
-        ("bz2_level = 0", "bz2_level must be 'auto' or 1 to 9"),
-        ("bz2_level = 'fast'", "bz2_level must be 'auto' or 1 to 9"),
-        ("compress_threads = 0", "compress_threads must be 1 to 64 or None"),
-        ("compress_threads = '2'", "compress_threads must be 1 to 64 or None"),
+        ("gzip_level = 10", "gzip_level must be 'auto' or a number from 0 to 9, not 10"),
+        ("bz2_level = 0", "bz2_level must be 'auto' or a number from 1 to 9, not 0"),
+        ("bz2_level = 'fast'", "bz2_level must be 'auto' or a number from 1 to 9, not 'fast'"),
+        ("compress_threads = 0", "compress_threads must be a number from 1 to 64 or None, not 0"),
+        ("compress_threads = '2'", "compress_threads must be a number from 1 to 64 or None, "
+                                   "not '2'"),
     ],
 )
 def test_bad_pyworker_settings(tmp_path: Path, line: str, message: str) -> None:

@@ -22,14 +22,8 @@ from typing import Any, NoReturn
 
 from twisted.python import usage
 
-from pyworker.cli.tac import LOG_FORMATS, CreateWorkerError, TacOptions, make_tac, write_tac
-from pyworker.config import (
-    AUTO_LEVEL,
-    LOWEST_LEVEL,
-    MAX_COMPRESS_THREADS,
-    REFERENCE_VERSION,
-    valid_level,
-)
+from pyworker.cli.tac import CreateWorkerError, TacOptions, make_tac, write_tac
+from pyworker.config import REFERENCE_VERSION, SETTINGS, SettingError
 
 PROG = "pyworker"
 _NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
@@ -172,18 +166,9 @@ class CreateWorkerOptions(MakerBase):
             None,
             "Delete folders that are not required by the master on connection",
         ],
-        [
-            "restrict-paths",
-            None,
-            "pyworker: refuse any command path outside the worker's basedir (for masters "
-            "that are not fully trusted); tac: restrict_paths = 1",
-        ],
-        [
-            "report-resources",
-            None,
-            "pyworker: add each command's CPU seconds and peak RSS as a last header line "
-            "of its step log; tac: report_resources = 1",
-        ],
+        # pyworker's own flags (pyworker.config.SETTINGS)
+        *[[setting.option, None, setting.option_help]
+          for setting in SETTINGS if setting.kind == "flag"],
     ]
     optParameters = [
         ["keepalive", "k", 600, "Interval at which keepalives should be sent (in seconds)"],
@@ -217,39 +202,12 @@ class CreateWorkerOptions(MakerBase):
             "Twisted endpoint connection string (this will override master host[:port])",
         ],
         ["proxy-connection-string", None, None, "Address of HTTP proxy to tunnel through"],
-        [
-            "metrics-port",
-            None,
-            None,
-            "pyworker: serve /healthz and Prometheus /metrics over HTTP on 127.0.0.1 at this "
-            "port (default: off); tac: metrics_port",
-        ],
-        [
-            "log-format",
-            None,
-            "text",
-            "pyworker: twistd.log format, 'text' (twistd's lines) or 'json' (one JSON "
-            "object per line: time, level, namespace/system, message, failure); tac: log_format",
-        ],
-        [
-            "gzip-level",
-            None,
-            "auto",
-            "pyworker: compression level of gz directory uploads, 'auto' (the level that "
-            "moves the tree out fastest, measured as it goes) or 0-9; tac: gzip_level",
-        ],
-        [
-            "bz2-level",
-            None,
-            "auto",
-            "pyworker: the same for bz2 directory uploads, 'auto' or 1-9; tac: bz2_level",
-        ],
-        [
-            "compress-threads",
-            None,
-            None,
-            "pyworker: threads compressing one directory upload (default: the usable "
-            "CPUs, at most 4); tac: compress_threads",
+        # pyworker's own options with a value (pyworker.config.SETTINGS)
+        *[
+            [setting.option, None, None if setting.default is None else str(setting.default),
+             setting.option_help]
+            for setting in SETTINGS
+            if setting.kind != "flag"
         ],
     ]
     longdesc = textwrap.dedent(
@@ -318,29 +276,14 @@ class CreateWorkerOptions(MakerBase):
                 raise usage.UsageError(f"{argument} parameter needs to be a number or None")
         if self["allow-shutdown"] not in (None, "signal", "file"):
             raise usage.UsageError("allow-shutdown needs to be one of 'signal' or 'file'")
-        if self["metrics-port"] is not None:
+        for setting in SETTINGS:
+            value = self[setting.option]
+            if isinstance(value, str):
+                value = setting.parse(value)
             try:
-                self["metrics-port"] = int(self["metrics-port"])
-            except ValueError as exc:
-                raise usage.UsageError("metrics-port parameter needs to be a number") from exc
-            if not 1 <= self["metrics-port"] <= 65535:
-                raise usage.UsageError("metrics-port parameter needs to be a port (1-65535)")
-        if self["log-format"] not in LOG_FORMATS:
-            raise usage.UsageError("log-format needs to be one of 'text' or 'json'")
-        for fmt, argument in (("gz", "gzip-level"), ("bz2", "bz2-level")):
-            value = self[argument]
-            if value != AUTO_LEVEL:
-                value = int(value) if value.isdigit() else value
-                if not valid_level(fmt, value):
-                    raise usage.UsageError(
-                        f"{argument} needs to be 'auto' or {LOWEST_LEVEL[fmt]}-9")
-                self[argument] = value
-        if self["compress-threads"] is not None:
-            value = self["compress-threads"]
-            if not str(value).isdigit() or not 1 <= int(value) <= MAX_COMPRESS_THREADS:
-                raise usage.UsageError(
-                    f"compress-threads needs to be a number from 1 to {MAX_COMPRESS_THREADS}")
-            self["compress-threads"] = int(value)
+                self[setting.option] = setting.check(value)
+            except SettingError as exc:
+                raise usage.UsageError(f"{setting.option} {exc}") from exc
 
 
 class BenchOptions(usage.Options):  # type: ignore[misc]
@@ -540,13 +483,7 @@ def create_worker(config: dict[str, Any]) -> int:
         protocol=config["protocol"],
         connection_string=config["connection-string"],
         proxy_connection_string=config["proxy-connection-string"],
-        restrict_paths=bool(config["restrict-paths"]),
-        metrics_port=config["metrics-port"],
-        log_format=config["log-format"],
-        report_resources=bool(config["report-resources"]),
-        gzip_level=config["gzip-level"],
-        bz2_level=config["bz2-level"],
-        compress_threads=config["compress-threads"],
+        settings={setting.name: config[setting.option] for setting in SETTINGS},
     )
     contents = make_tac(opts)
     if not config["force"]:

@@ -6,6 +6,10 @@ assignments (literals, simple arithmetic, earlier names, ``os.path`` helpers on
 ``__file__``, and ``if`` tests it can decide, such as the relocatable ``basedir == '.'``
 block), reads the arguments of the ``Worker(...)`` call (or, without one, the variables
 the template defines) and returns a :class:`~pyworker.config.WorkerConfig`.
+
+pyworker's own settings (:data:`pyworker.config.SETTINGS`) are written as plain assignments
+after ``protocol = ...`` and read back with the table's one check,
+:meth:`~pyworker.config.Setting.check`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 from pyworker.config import (
-    AUTO_LEVEL,
-    LOWEST_LEVEL,
-    MAX_COMPRESS_THREADS,
     PROTOCOLS,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    SettingError,
+    SettingValue,
     WorkerConfig,
-    valid_level,
 )
 
 TAC_FILENAME = "buildbot.tac"
@@ -131,37 +135,29 @@ class TacOptions:
     protocol: str = "pb"
     connection_string: str | None = None
     proxy_connection_string: str | None = None
-    # pyworker's own settings: written only when they differ from the defaults
-    restrict_paths: bool = False
-    metrics_port: int | None = None
-    log_format: str = "text"
-    report_resources: bool = False
-    gzip_level: int | str = "auto"
-    bz2_level: int | str = "auto"
-    compress_threads: int | None = None
+    #: pyworker's own settings by tac variable (:data:`pyworker.config.SETTINGS`); those
+    #: absent or at their default are not written.
+    settings: Mapping[str, SettingValue] = dataclasses.field(default_factory=dict)
 
 
 #: Heads pyworker's own tac variables (the reference worker ignores plain assignments).
 PYWORKER_SETTINGS_COMMENT = "# pyworker settings (buildbot-worker ignores these)"
-LOG_FORMATS = ("text", "json")
 
 
 def pyworker_settings(opts: TacOptions) -> str:
-    """The tac lines for pyworker's own settings; empty when all are at their defaults."""
+    """The tac lines for pyworker's own settings; empty when all are at their defaults.
+
+    Raises :class:`~pyworker.config.SettingError` for a value a setting does not take and
+    ``ValueError`` for a name that is not a setting.
+    """
+    for name in opts.settings:
+        if name not in SETTINGS_BY_NAME:
+            raise ValueError(f"{name!r} is not a pyworker setting")
     lines: list[str] = []
-    if opts.restrict_paths:
-        lines.append("restrict_paths = 1")
-    if opts.metrics_port is not None:
-        lines.append(f"metrics_port = {int(opts.metrics_port)}")
-    if opts.log_format != "text":
-        lines.append(f"log_format = {opts.log_format!r}")
-    if opts.report_resources:
-        lines.append("report_resources = 1")
-    for var in ("gzip_level", "bz2_level"):
-        if getattr(opts, var) != AUTO_LEVEL:
-            lines.append(f"{var} = {getattr(opts, var)!r}")
-    if opts.compress_threads is not None:
-        lines.append(f"compress_threads = {int(opts.compress_threads)}")
+    for setting in SETTINGS:
+        line = setting.tac_line(setting.check(opts.settings.get(setting.name)))
+        if line is not None:
+            lines.append(line)
     if not lines:
         return ""
     return "\n".join([PYWORKER_SETTINGS_COMMENT, *lines, ""])
@@ -620,9 +616,6 @@ def parse_tac(source: str, path: str) -> WorkerConfig:
     return _to_config(values, reader, path)
 
 
-_NONE = type(None)
-
-
 def _check(path: str, name: str, value: Any, kinds: tuple[type, ...], show: bool = True) -> None:
     if isinstance(value, kinds):
         return
@@ -723,44 +716,17 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
 def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
     """pyworker's own tac variables (module-level assignments), checked; absent: defaults."""
     settings: dict[str, Any] = {}
-    for var in ("restrict_paths", "metrics_port", "log_format", "report_resources",
-                "gzip_level", "bz2_level", "compress_threads"):
-        if var not in reader.names:
+    for setting in SETTINGS:
+        if setting.name not in reader.names:
             continue
-        value = reader.names[var]
+        value = reader.names[setting.name]
         if isinstance(value, _Unknown):
             raise TacError(
-                f"{path}: {var!r} {value.why}; pyworker reads buildbot.tac "
+                f"{path}: {setting.name!r} {value.why}; pyworker reads buildbot.tac "
                 "without executing it, so use plain literal values"
             )
-        settings[var] = value
-    for flag in ("restrict_paths", "report_resources"):
-        if flag in settings:
-            _check(path, flag, settings[flag], (int, _NONE))
-            settings[flag] = bool(settings[flag])
-    if "metrics_port" in settings:
-        port = settings["metrics_port"]
-        _check(path, "metrics_port", port, (int, _NONE))
-        if isinstance(port, bool) or (port is not None and not 0 <= port <= 65535):
-            raise TacError(f"{path}: metrics_port must be a TCP port number or None, not {port!r}")
-    if "log_format" in settings:
-        fmt = settings["log_format"]
-        if fmt is None:
-            fmt = "text"
-        if fmt not in LOG_FORMATS:
-            raise TacError(f"{path}: log_format must be 'text' or 'json', not {fmt!r}")
-        settings["log_format"] = fmt
-    for fmt, var in (("gz", "gzip_level"), ("bz2", "bz2_level")):
-        if var in settings:
-            level = AUTO_LEVEL if settings[var] is None else settings[var]
-            if not valid_level(fmt, level):
-                raise TacError(f"{path}: {var} must be 'auto' or {LOWEST_LEVEL[fmt]} to 9, "
-                               f"not {level!r}")
-            settings[var] = level
-    if "compress_threads" in settings:
-        threads = settings["compress_threads"]
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or not 1 <= threads <= MAX_COMPRESS_THREADS):
-            raise TacError(f"{path}: compress_threads must be 1 to {MAX_COMPRESS_THREADS} or "
-                           f"None, not {threads!r}")
+        try:
+            settings[setting.name] = setting.check(value)
+        except SettingError as exc:
+            raise TacError(f"{path}: {setting.name} {exc}") from exc
     return settings
