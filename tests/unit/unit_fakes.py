@@ -214,6 +214,10 @@ class FakeChild:
     def emit(self, data: bytes) -> None:
         """Write event frames; the reactor reads them if the front end is reading us."""
         os.write(self.events_fd, data)
+        self.deliver()
+
+    def deliver(self) -> None:
+        """What the reactor does when our event pipe is readable: read it, if watched."""
         reader = self.protocol.reader
         if reader is not None and reader in self.reactor.readers:
             reader.doRead()
