@@ -358,7 +358,7 @@ class MsgpackFactory(WebSocketClientFactory):
     protocol = MsgpackProtocol
 
     def __init__(self, front: MsgpackFront, url: str, auth_header: str) -> None:
-        super().__init__(url)
+        super().__init__(url, reactor=front.core.reactor)
         self.front = front
         self.auth_header = auth_header
         self.noisy = False

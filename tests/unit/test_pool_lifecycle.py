@@ -46,6 +46,9 @@ class Client:
 def reactor() -> Iterator[ProcessReactor]:
     r = ProcessReactor()
     yield r
+    for child in r.children:
+        if not child.protocol.alive:  # the pool closed its ends of a dead executor's pipes
+            assert child.protocol.reader.fd == -1 and child.protocol.writer.fd == -1
     r.close_all()
 
 

@@ -4,6 +4,7 @@ Worker's ClientService retrying on the injected clock, for both wire protocols."
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,15 @@ def make_core(tmp_path: Path, **config: object) -> tuple[WorkerCore, StopRecorde
     return core, stops
 
 
-def test_retry_delay_is_the_reference_backoff_policy(tmp_path: Path) -> None:
+@pytest.fixture
+def seeded_random() -> Iterator[None]:
+    """The backoff's jitter is ``random.random``: seed it here, restore it after."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
+
+
+def test_retry_delay_is_the_reference_backoff_policy(tmp_path: Path, seeded_random: None) -> None:
     core, stops = make_core(tmp_path)
     for attempt in range(1, 16):
         random.seed(attempt)
