@@ -219,6 +219,89 @@ def test_start_command_reaches_the_core_with_absolute_paths_and_reports_back(
     assert conn.pool.released == [executor]
 
 
+@pytest.mark.parametrize(("command", "args", "translated"), [
+    ("mkdir", {"dir": ["a", "b/c"]}, {"paths": ["{b}/a", "{b}/b/c"]}),
+    ("rmdir", {"dir": "gone"}, {"paths": ["{b}/gone"]}),
+    ("cpdir", {"fromdir": "src", "todir": "dst"}, {"from_path": "{b}/src",
+                                                 "to_path": "{b}/dst"}),
+    ("stat", {"file": "f", "workdir": "wd"}, {"path": "{b}/wd/f", "workdir": "wd"}),
+    ("listdir", {"dir": "wd"}, {"path": "{b}/wd"}),
+    ("glob", {"path": "wd/*.o"}, {"path": "{b}/wd/*.o"}),
+])
+def test_pb_relative_paths_become_absolute_under_the_builder_directory(
+    basedir: Path, command: str, args: dict[str, Any], translated: dict[str, Any],
+) -> None:
+    conn = Connection(basedir)
+    face = conn.builder()
+    assert conn.call(face, "startCommand", RemoteCommand(), "9", command, args) is None
+    ((_, request),) = conn.pool.serve().sent
+    b = os.path.join(str(basedir), "build1")
+    expected = {k: [p.format(b=b) for p in v] if isinstance(v, list) else
+                v.format(b=b) if k != "workdir" else v for k, v in translated.items()}
+    assert request["args"] == expected
+
+
+class Writer(pb.Referenceable):
+    """The master's file writer for an upload."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def remote_write(self, data: bytes) -> None:
+        self.data += data
+
+    def remote_close(self) -> None:
+        self.closed = True
+
+
+def test_an_upload_writes_through_the_masters_writer(basedir: Path) -> None:
+    conn = Connection(basedir)
+    face = conn.builder()
+    writer = Writer()
+    conn.call(face, "startCommand", RemoteCommand(), "8", "uploadFile",
+              {"workdir": "wd", "workersrc": "out.bin", "writer": writer, "blocksize": 16384,
+               "maxsize": None, "keepstamp": False})
+    executor = conn.pool.serve()
+    ((_, request),) = executor.sent
+    assert request["args"]["path"] == os.path.join(str(basedir), "build1", "wd", "out.bin")
+    assert "writer" not in request["args"], "references stay in the front end"
+    session = conn.core.sessions[("b1", "8")]
+    session.executor_frame(frames.WRITE, 0, b"chunk of data")
+    session.executor_frame(*value_frame(frames.CALL, ("writer", "close", ())))
+    conn.pump.flush()
+    assert writer.data == b"chunk of data" and writer.closed
+    assert executor.sent[1:] == [(frames.ACK, (13, None)), (frames.RESULT, (True, None))]
+
+
+class Reader(pb.Referenceable):
+    """The master's file reader for a download."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def remote_read(self, length: int) -> bytes:
+        block, self.data = self.data[:length], self.data[length:]
+        return block
+
+
+def test_a_download_reads_through_the_masters_reader(basedir: Path) -> None:
+    conn = Connection(basedir)
+    face = conn.builder()
+    conn.call(face, "startCommand", RemoteCommand(), "8", "downloadFile",
+              {"workdir": "wd", "workerdest": "in.bin", "reader": Reader(b"0123456789"),
+               "blocksize": 4, "maxsize": None, "mode": None})
+    executor = conn.pool.serve()
+    ((_, request),) = executor.sent
+    assert request["args"]["path"] == os.path.join(str(basedir), "build1", "wd", "in.bin")
+    assert "reader" not in request["args"]
+    session = conn.core.sessions[("b1", "8")]
+    session.executor_frame(*value_frame(frames.READ, 4))
+    session.executor_frame(*value_frame(frames.READ, 4))
+    conn.pump.flush()
+    assert executor.sent[1:] == [(frames.DATA, b"0123"), (frames.DATA, b"4567")]
+
+
 def test_a_failed_command_reaches_the_master_as_a_failure(basedir: Path) -> None:
     conn = Connection(basedir)
     face = conn.builder()
