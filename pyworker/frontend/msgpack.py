@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +38,7 @@ from autobahn.websocket.types import ConnectingRequest, ConnectionResponse
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import _parse as parse_endpoint_description
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -143,8 +143,12 @@ class MsgpackMasterSide:
     newline at completion (as the reference's final flush does).
     """
 
-    def __init__(self, proto: MsgpackProtocol, command_id: str, command: str) -> None:
+    def __init__(
+        self, proto: MsgpackProtocol, command_id: str, command: str, clock: IReactorTime
+    ) -> None:
         self.proto = proto
+        #: Stamps the lines (the core's reactor: its ``seconds()`` is ``time.time()``).
+        self.clock = clock
         self.command_id = command_id
         self.command = command
         self.partial: dict[Any, str] = {}
@@ -160,7 +164,7 @@ class MsgpackMasterSide:
         return text
 
     def send_updates(self, updates: list[tuple[str, Any]]) -> defer.Deferred[Any]:
-        now = time.time()
+        now = self.clock.seconds()
         args: list[list[Any]] = []
         for key, value in updates:
             if key in TEXT_KEYS:
@@ -180,7 +184,7 @@ class MsgpackMasterSide:
 
     def complete(self, failure: str | None) -> defer.Deferred[Any]:
         if self.partial:
-            now = time.time()
+            now = self.clock.seconds()
             args: list[list[Any]] = []
             for key in sorted(self.partial, key=str):
                 text = self.partial[key] + "\n"
@@ -354,7 +358,7 @@ class MsgpackFactory(WebSocketClientFactory):
     protocol = MsgpackProtocol
 
     def __init__(self, front: MsgpackFront, url: str, auth_header: str) -> None:
-        super().__init__(url)
+        super().__init__(url, reactor=front.core.reactor)
         self.front = front
         self.auth_header = auth_header
         self.noisy = False
@@ -442,9 +446,9 @@ class MsgpackFront:
         if isinstance(args, dict):
             args = {k: v for k, v in args.items()
                     if k not in TRANSFER_LEFTOVERS.get(command, ())}
+        master = MsgpackMasterSide(proto, command_id, command, self.core.reactor)
         self.core.start_command(
-            MsgpackMasterSide(proto, command_id, command), _builder_name(builder), command_id,
-            command, args, connection=proto,
+            master, _builder_name(builder), command_id, command, args, connection=proto,
         )
 
     def op_interrupt_command(self, proto: MsgpackProtocol, msg: dict[str, Any]) -> None:

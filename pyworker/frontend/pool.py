@@ -232,6 +232,7 @@ class ExecutorPool:
         idle_timeout: float = 60.0,
         executable: str = sys.executable,
         extra_env: dict[str, str] | None = None,
+        adopt_orphans: bool = True,
     ) -> None:
         self.reactor = reactor
         self.min_idle = min_idle
@@ -240,6 +241,10 @@ class ExecutorPool:
         self.executable = executable
         #: Given to executors only (e.g. ``PYWORKER_IO``), never to their commands.
         self.extra_env = dict(extra_env or {})
+        #: Become the subreaper of the executors' commands and kill what a dead executor
+        #: leaves behind. Off only in unit tests whose executors are fakes (the sweep kills
+        #: every child of this process that is not an executor).
+        self.adopt_orphans = adopt_orphans
         self.idle: list[Executor] = []
         self.busy: set[Executor] = set()
         self.waiting: deque[tuple[ExecutorClient, Callable[[Executor], None]]] = deque()
@@ -257,7 +262,8 @@ class ExecutorPool:
 
     def start(self) -> None:
         # If an executor dies, its command's processes come back to us, to be swept.
-        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if self.adopt_orphans:
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._replenish()
 
     def _spawn(self) -> Executor:
@@ -406,7 +412,8 @@ class ExecutorPool:
             self.reactor.callLater(0.1, self._reap, left, tries - 1)
 
     def executor_ended(self, executor: Executor, reason: Failure) -> None:
-        self._sweep_orphans()
+        if self.adopt_orphans:
+            self._sweep_orphans()
         if executor in self.idle:
             self.idle.remove(executor)
         client = executor.client
