@@ -7,7 +7,6 @@ tiny fake ``run_worker`` (set in the launcher) because these tests are about the
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -167,14 +166,6 @@ def test_no_command_and_unknown_command(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Unknown command: bogus" in result.stdout
     assert run(exe, "--help").returncode == 0
-
-
-def test_bench_without_module(tmp_path: Path) -> None:
-    if importlib.util.find_spec("pyworker.bench") is not None:
-        pytest.skip("pyworker.bench exists")
-    result = run(launcher(tmp_path), "bench", "--quick")
-    assert result.returncode == 1
-    assert "pyworker.bench" in result.stderr
 
 
 def test_installed_console_script(tmp_path: Path) -> None:

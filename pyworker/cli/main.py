@@ -2,7 +2,7 @@
 
 Sub-commands ``create-worker``, ``start``, ``stop``, ``restart`` take the same options
 (parsed with Twisted's getopt-based ``usage.Options``, as the reference does) and print
-the same messages with the same exit codes; ``bench`` runs ``pyworker.bench``.
+the same messages with the same exit codes; ``bench`` runs ``pyworker.bench.profiler``.
 ``create-worker`` lives here; process management is in :mod:`pyworker.cli.daemon`.
 """
 
@@ -287,7 +287,7 @@ class CreateWorkerOptions(MakerBase):
 
 
 class BenchOptions(usage.Options):  # type: ignore[misc]
-    """Only for the command list in ``--help``: ``bench`` arguments go to pyworker.bench."""
+    """Only for the command list in ``--help``: ``bench`` arguments go to the profiler."""
 
     def getSynopsis(self) -> str:
         return f"Usage:    {PROG} bench [bench options]"
@@ -510,18 +510,10 @@ def create_worker(config: dict[str, Any]) -> int:
 
 
 def run_bench(args: Sequence[str]) -> int:
-    """``pyworker bench ...``: hand the remaining arguments to ``pyworker.bench.main``."""
-    try:
-        bench = importlib.import_module("pyworker.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("pyworker.bench", "pyworker"):
-            raise
-        print(
-            f"{PROG} bench: the benchmark module (pyworker.bench) is not part of this installation",
-            file=sys.stderr,
-        )
-        return 1
-    result = bench.main(list(args))
+    """``pyworker bench ...``: hand the remaining arguments to the profiler."""
+    from pyworker.bench import profiler
+
+    result = profiler.main(list(args))
     return 0 if result is None else int(result)
 
 
