@@ -180,7 +180,7 @@ class Beneath:
         if located is None:
             located = self._walk(path, rel, follow_last=follow_last, create_dirs=create_dirs)
         try:
-            self._check(path, *located)
+            self.check(path, *located)
         except BaseException:
             os.close(located[0])
             raise
@@ -237,7 +237,7 @@ class Beneath:
                         return self._done(stack, comp)
                     if not create_dirs:
                         raise
-                    self._check(path, stack[-1], comp)
+                    self.check(path, stack[-1], comp)
                     try:
                         os.mkdir(comp, dir_fd=stack[-1])
                     except FileExistsError:
@@ -326,7 +326,7 @@ class Beneath:
     def is_protected_name(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.protected)
 
-    def _check(self, path: str, dir_fd: int, name: str | None) -> None:
+    def check(self, path: str, dir_fd: int, name: str | None) -> None:
         """Refuse ``name`` in ``dir_fd`` (or the directory itself) if it is the worker's."""
         if not self.protected:
             return

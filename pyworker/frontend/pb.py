@@ -161,8 +161,9 @@ class WorkerForBuilder(pb.Referenceable):
                 raise CommandRefused(
                     f"{command}: args must be a dictionary, not {type(args).__name__}")
             refs = {k: args[k] for k in ("writer", "reader") if k in args}
-            plain = translate_pb_args(
-                command, {k: v for k, v in args.items() if k not in refs}, self.builder.path)
+            # the check for required args sees the references too (uploads need a writer)
+            translated = translate_pb_args(command, args, self.builder.path)
+            plain = {k: v for k, v in translated.items() if k not in refs}
         except core_mod.UnknownCommand as e:
             raise UnknownCommand(str(e)) from None
         master = PBMasterSide(command_ref, refs)
