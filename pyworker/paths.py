@@ -15,7 +15,8 @@ Resolution, from an ``O_PATH`` fd on the root:
   they point back inside, and it cannot tell us where a final symlink leads, so those cases
   (``EXDEV``, ``ELOOP``, ``EAGAIN``, a final symlink to follow) go to the walk below, which
   is the authority on what is refused;
-* elsewhere (``ENOSYS``, or ``EPERM`` under a seccomp filter) and in those cases, a
+* elsewhere (``ENOSYS``, or ``EPERM`` under a seccomp filter; or ``PYWORKER_NO_OPENAT2`` set
+  in the environment, for tests) and in those cases, a
   component-by-component walk: each component is opened with ``O_PATH | O_NOFOLLOW`` relative
   to the directory fd before it; a symlink is read through its own fd and its target walked
   in turn (a relative one from where it is, an absolute one only if it names a place in the
@@ -85,6 +86,8 @@ _have_openat2: bool | None = None
 def openat2_available() -> bool:
     """Whether ``openat2`` works here (tried once, on a harmless call)."""
     global _have_openat2
+    if os.environ.get("PYWORKER_NO_OPENAT2"):  # tests and diagnosis: force the walk
+        return False
     if _have_openat2 is None:
         try:
             os.close(openat2(-100, "/", O_PATH | os.O_DIRECTORY, 0))  # AT_FDCWD

@@ -137,6 +137,30 @@ def _extra_cases(outside: Path) -> dict[str, str]:
     }
 
 
+def _inside_steps(outside: Path, proto: str) -> str:
+    """Every command, on paths inside the basedir (links inside followed): all succeed."""
+    steps = [
+        "steps.ShellCommand(command='mkdir -p tree/sub && echo hi > hello.txt"
+        f" && echo f > tree/sub/f && ln -sfn {outside} tree/lnout && ln -sfn tree inlink"
+        " && echo logged > my.log', logfiles={'mylog': 'my.log'}, logEnviron=False)",
+        "steps.MakeDirectory(dir='build/m1')",
+        "steps.CopyDirectory(src='build/tree', dest='build/m2')",
+        "steps.FileExists(file='build/inlink/sub/f')",
+        "steps.RemoveDirectory(dir='build/m1')",
+        "RawLogged('glob', {'path': 'build/*'}, name='glob')",
+        "RawLogged('listdir', {'dir': 'build/inlink'}, name='listdir')",
+        "RawLogged('rmfile', {'path': 'build/m2/sub/f'}, name='rmfile')",
+        "steps.FileUpload(workersrc='hello.txt',"
+        " masterdest=util.Interpolate('%(prop:buildername)s.up'))",
+        "steps.DirectoryUpload(workersrc='tree', compress='gz',"
+        " masterdest=util.Interpolate('%(prop:buildername)s.dir'))",
+    ]
+    if proto == "pb":  # the 4.3.0 master's msgpack downloads drop the data (appendix A)
+        steps.append(f"steps.FileDownload(mastersrc={str(outside.parent / 'payload')!r},"
+                     " workerdest='dl/got.txt')")
+    return "[" + ", ".join(steps) + "]"
+
+
 def _cases(outside: Path) -> dict[str, str]:
     out = {}
     for case, x in CASES.items():
@@ -173,6 +197,7 @@ def master(master_venv: Path, place: Path, outside: Path) -> Iterator[RealMaster
     for proto in PROTOCOLS:
         for name, steps in _cases(outside).items():
             builders[f"{name}-{proto}"] = Builder(steps, workers=[proto])
+        builders[f"inside-{proto}"] = Builder(_inside_steps(outside, proto), workers=[proto])
         for name, builddir in BAD_BUILDDIRS.items():
             builddir = builddir.replace("OUTSIDE", str(outside))
             builders[f"{name}-{proto}"] = Builder(
@@ -263,6 +288,28 @@ def test_paths_outside_are_refused(master: RealMaster, workers: dict[str, Worker
                 errors="replace")
     assert not (outside / "pwned").exists()
     _check_worker_alive(master, workers, proto)
+
+
+@pytest.mark.parametrize("proto", sorted(PROTOCOLS))
+def test_every_command_works_inside(master: RealMaster, workers: dict[str, WorkerProcess],
+                                    outside: Path, proto: str) -> None:
+    before = snapshot(outside)
+    build = master.force_build(f"inside-{proto}")
+    assert snapshot(outside) == before
+    assert build.result == "SUCCESS", build.describe()
+    build_dir = workers[proto].basedir / build.builder / "build"
+    assert build.step("shell").logs["mylog"] == "logged\n"
+    assert "'hello.txt'" in build.step("glob").logs["updates"]
+    assert "'lnout'" in build.step("listdir").logs["updates"]
+    assert (build_dir / "m2" / "sub").is_dir() and not (build_dir / "m2" / "sub" / "f").exists()
+    assert os.readlink(build_dir / "m2" / "lnout") == str(outside)
+    assert not (build_dir / "m1").exists()
+    assert (master.basedir / f"{build.builder}.up").read_text() == "hi\n"
+    uploaded = master.basedir / f"{build.builder}.dir"
+    assert (uploaded / "sub" / "f").read_text() == "f\n"
+    assert os.readlink(uploaded / "lnout") == str(outside)  # archived as the link it is
+    if proto == "pb":
+        assert (build_dir / "dl" / "got.txt").read_text() == "payload from the master\n"
 
 
 @pytest.mark.parametrize("proto", sorted(PROTOCOLS))

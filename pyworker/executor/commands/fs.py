@@ -268,6 +268,9 @@ class _Copier:
                           dir_fd=dst_dir)
             try:
                 dst = os.fstat(dfd)
+                if os.path.samestat(dst, sst):
+                    self.error(f"'{shown_src}' and '{shown_dst}' are the same file")
+                    return
                 self.made.add((dst.st_dev, dst.st_ino))
                 for child in sorted(os.listdir(sfd)):
                     self.copy(sfd, child, dfd, child, f"{shown_src}/{child}",
@@ -284,6 +287,14 @@ class _Copier:
         sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
         try:
             self.beneath.check_fd(shown_src, sfd)
+            try:
+                existing = os.stat(dst_name, dir_fd=dst_dir, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if os.path.samestat(existing, os.fstat(sfd)):
+                    self.error(f"'{shown_src}' and the destination are the same file")
+                    return
             dfd = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
             try:
