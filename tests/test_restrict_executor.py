@@ -103,6 +103,11 @@ def test_links_out_are_removed_or_copied_never_followed(ex: ExecutorDriver,
     os.symlink(outside, b / "gl")
     g = run(ex, root, "glob", {"path": str(b / "*")})
     assert sorted(g.values("files")[0]) == [str(b / "build"), str(b / "dst"), str(b / "src")]
+    # a pattern whose directory part leads out is refused; "**" through a link out drops it
+    g = run(ex, root, "glob", {"path": str(b / "gl" / "*")})
+    assert g.failure is not None and REFUSED in g.failure
+    assert str(b / "gl") not in run(ex, root, "glob", {"path": str(b / "**")}).values(
+        "files")[0]
     os.symlink("src", b / "inlink")  # a link that stays inside is listed
     assert str(b / "inlink") in run(ex, root, "glob", {"path": str(b / "*")}).values(
         "files")[0]

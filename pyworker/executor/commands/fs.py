@@ -407,12 +407,24 @@ class RemoveFile(_OSErrorReporting):
 
 
 def _glob_beneath(beneath: paths.Beneath, pattern: str) -> list[str]:
-    """``glob.glob(pattern, recursive=True)`` run from the root's fd; results that resolve
-    outside the root (or to the worker's own files) are dropped."""
+    """``glob.glob(pattern, recursive=True)`` run from the root's fd. The pattern's literal
+    directory part must resolve beneath the root (else refused, as any path); results that
+    resolve outside the root (or to the worker's own files) are dropped."""
     rel = beneath.relative(pattern)
     prefix = pattern[: len(pattern) - len(rel)]
     if not rel.strip("/"):
         return [pattern] if os.path.isabs(pattern) else []
+    literal: list[str] = []
+    for part in rel.split("/")[:-1]:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    if literal:
+        try:  # PathRefused goes up: the command fails
+            fd, _ = beneath.locate("/".join(literal))
+        except OSError:
+            return []  # no such directory: glob finds nothing
+        os.close(fd)
     root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=beneath.root_fd)
     try:
         found = glob.glob(rel, dir_fd=root, recursive=True)
