@@ -247,6 +247,7 @@ class UploadDirectory(_Upload):
         compress = self.args.get("compress")
         if compress not in ("gz", "bz2"):
             compress = None  # the reference writes a plain tar for any other value
+        tar: Any
         try:
             if self.beneath is not None:
                 tar = BeneathTarStream(self.beneath, self.path)
