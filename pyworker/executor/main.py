@@ -22,7 +22,7 @@ import time
 import traceback
 from typing import Any
 
-from pyworker import frames
+from pyworker import frames, paths
 from pyworker.executor.channel import Channel, CommandError, FrontEndGone
 from pyworker.executor.process import kill_descendants, on_sigterm, set_process_options
 
@@ -42,10 +42,13 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
         if command_class is None:
             raise CommandError(f"unrecognized WorkerCommand '{name}'")
         command = command_class(channel, request)
-        command.run()
+        try:
+            command.run()
+        finally:
+            command.close()
     except FrontEndGone:
         raise
-    except CommandError as e:
+    except (CommandError, paths.PathRefused) as e:
         failure = str(e)
     except Exception as e:  # a bug or bad input: the master gets a failed step, we go on
         failure = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"

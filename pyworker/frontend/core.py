@@ -25,7 +25,7 @@ from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pyworker import commandset
+from pyworker import commandset, paths
 from pyworker import config as config_mod
 from pyworker.frontend import metrics
 from pyworker.frontend.pool import ExecutorPool
@@ -35,8 +35,9 @@ log = Logger()
 
 WORKER_COMMANDS = commandset.WORKER_COMMANDS
 
-#: Files and folders of the worker's own in its basedir: never a command's target.
-WORKER_FILES = ("buildbot.tac", "info", "twistd.pid", "twistd.log", "shutdown.stamp")
+#: Files and folders of the worker's own in its basedir: never a command's target under
+#: ``restrict_paths`` (``fnmatch`` patterns).
+WORKER_FILES = paths.WORKER_FILES
 
 
 class CommandRefused(ValueError):
@@ -70,13 +71,6 @@ def io_settings(config: config_mod.WorkerConfig) -> dict[str, Any]:
     return settings
 
 
-def inside(path: str, root: str) -> bool:
-    """Whether ``path`` (made absolute against ``root``, links resolved) is in ``root``."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, path))
-    return real == real_root or real.startswith(real_root + os.sep)
-
-
 class Builder:
     """The worker side of one builder: a name and its directory under the basedir."""
 
@@ -88,15 +82,21 @@ class Builder:
         self.set_builddir(builddir)
 
     def set_builddir(self, builddir: str) -> None:
+        """Make the builder's directory; under ``restrict_paths`` beneath the basedir only,
+        created by :mod:`pyworker.paths` (no link followed out, not one of the worker's
+        own files)."""
         path = os.path.join(self.core.basedir, builddir)
-        if self.core.config.restrict_paths and not inside(path, self.core.basedir):
-            raise CommandRefused(
-                f"builder {self.name!r}: directory {builddir!r} is outside the worker's "
-                f"basedir {self.core.basedir!r} (refused: the worker runs with restrict_paths)"
-            )
+        if self.core.config.restrict_paths:
+            try:
+                with paths.Beneath(self.core.basedir, WORKER_FILES) as beneath:
+                    os.close(beneath.makedirs(path))
+            except paths.PathRefused as e:
+                raise CommandRefused(f"builder {self.name!r}: directory {builddir!r}: {e}"
+                                     ) from None
+        else:
+            os.makedirs(path, exist_ok=True)
         self.builddir = builddir
         self.path = path
-        os.makedirs(path, exist_ok=True)
 
 
 class WorkerCore:
@@ -118,6 +118,10 @@ class WorkerCore:
         #: Running commands by (builder name or None, command id).
         self.sessions: dict[tuple[str | None, str], CommandSession] = {}
         self.io_settings: dict[str, Any] = io_settings(config)
+        self.restrict: dict[str, Any] | None = (
+            {"root": self.basedir, "protected": list(WORKER_FILES)}
+            if config.restrict_paths else None
+        )
         self.shutdown_requested = False
         #: We asked the master for a graceful shutdown: losing it now stops the worker.
         self.draining = False
@@ -246,8 +250,6 @@ class WorkerCore:
         if not isinstance(args, dict):
             raise CommandRefused(f"{name}: args must be a dictionary, not {type(args).__name__}")
         plain = {k: v for k, v in args.items() if k not in commandset.REFERENCE_ARGS}
-        if self.config.restrict_paths:
-            check_paths_inside(name, plain, self.basedir)
         key = (builder, command_id)
         old = self.sessions.pop(key, None)
         if old is not None:
@@ -260,6 +262,9 @@ class WorkerCore:
             "command_id": command_id,
             "basedir": self.basedir,
             "io": self.io_settings,
+            # restrict_paths: the executor resolves every path the command opens beneath
+            # the root, when it opens it (pyworker.paths), and never touches these names
+            "restrict": self.restrict,
         }
         session = CommandSession(self.pool, master, name, command_id, request,
                                  on_done=self._command_done)
@@ -346,23 +351,3 @@ class WorkerCore:
     def stop(self, exit_code: int | None = None) -> None:
         """Stop the worker (``exit_code`` for the process, if given)."""
         self._stop(exit_code)
-
-
-#: The core's arguments that name paths on the worker.
-PATH_ARGS = ("path", "paths", "from_path", "to_path", "workdir")
-
-
-def check_paths_inside(command: str, args: dict[str, Any], basedir: str) -> None:
-    """``restrict_paths``: refuse any path argument outside ``basedir``.
-
-    Paths are resolved (symlinks included) before the check, so a link inside the basedir
-    that points outside is refused too.
-    """
-    for key in PATH_ARGS:
-        value = args.get(key)
-        for path in value if isinstance(value, list) else [value]:
-            if isinstance(path, str) and not inside(path, basedir):
-                raise CommandRefused(
-                    f"{command}: path {path!r} is outside the worker's basedir {basedir!r} "
-                    f"(refused: the worker runs with restrict_paths)"
-                )

@@ -1,9 +1,11 @@
-"""What every command has: its arguments, the channel to the front end, and argument checks."""
+"""What every command has: its arguments, the channel to the front end, argument checks, and
+the path policy (``restrict_paths``) its paths go through."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pyworker import paths
 from pyworker.executor.channel import Channel, CommandError
 
 
@@ -23,6 +25,24 @@ class Command:
         missing = [a for a in self.required_args if a not in self.args]
         if missing:
             raise CommandError(f"{type(self).__name__} is missing args: {', '.join(missing)}")
+        #: ``restrict_paths``: every path this command opens is resolved beneath the root
+        #: (and never to one of the worker's own files); None: paths are used as given.
+        #: Opened when first used (:attr:`beneath`), closed by :meth:`close`.
+        self.restrict: dict[str, Any] | None = request.get("restrict") or None
+        self._beneath: paths.Beneath | None = None
+
+    @property
+    def beneath(self) -> paths.Beneath | None:
+        if self.restrict is not None and self._beneath is None:
+            self._beneath = paths.Beneath(self.restrict["root"],
+                                          self.restrict.get("protected", ()))
+        return self._beneath
+
+    def close(self) -> None:
+        """Release what the command holds beyond its run (the policy's root fd)."""
+        if self._beneath is not None:
+            self._beneath.close()
+            self._beneath = None
 
     def run(self) -> None:
         raise NotImplementedError

@@ -23,6 +23,7 @@ import termios
 import time
 from typing import Any
 
+from pyworker import paths
 from pyworker.executor.channel import Channel, CommandError
 from pyworker.executor.commands.base import Command
 from pyworker.executor.process import kill_descendants, reap_children
@@ -114,22 +115,50 @@ def _signal_number(name: str) -> int:
 
 
 class LogfileWatcher:
-    """Follows one ``logfiles`` entry by polling, as the reference does (section 5.5)."""
+    """Follows one ``logfiles`` entry by polling, as the reference does (section 5.5).
 
-    def __init__(self, name: str, path: str, follow: bool) -> None:
+    With ``beneath`` (``restrict_paths``) the file is stat'ed and opened through the policy
+    each time: a path that leads outside the basedir then reads as "no file yet", and
+    :attr:`refused` says why.
+    """
+
+    def __init__(self, name: str, path: str, follow: bool,
+                 beneath: paths.Beneath | None = None) -> None:
         self.name = name
         self.path = path
         self.follow = follow
+        self.beneath = beneath
+        self.refused: str | None = None
         self.file: Any = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.recorded = self._stat()
 
     def _stat(self) -> tuple[float, float, int] | None:
         try:
-            st = os.stat(self.path)
+            if self.beneath is not None:
+                fd = self.beneath.open(self.path, paths.O_PATH)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            else:
+                st = os.stat(self.path)
+        except paths.PathRefused as e:
+            self.refused = str(e)
+            return None
         except OSError:
             return None
         return (st.st_ctime, st.st_mtime, st.st_size)
+
+    def _open(self) -> Any:
+        if self.beneath is None:
+            return open(self.path, "rb")  # noqa: SIM115 - closed in stop()
+        try:
+            fd = self.beneath.open(self.path, os.O_RDONLY)
+        except paths.PathRefused as e:
+            self.refused = str(e)
+            raise OSError(str(e)) from None
+        return os.fdopen(fd, "rb")
 
     def poll(self) -> str:
         """Text that appeared since the last poll ('' if none)."""
@@ -141,7 +170,7 @@ class LogfileWatcher:
             if current == self.recorded:
                 return ""
             try:
-                self.file = open(self.path, "rb")  # noqa: SIM115 - closed in stop()
+                self.file = self._open()
             except OSError:
                 return ""
             if self.follow:
@@ -574,17 +603,77 @@ def _take_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+class _PinnedWorkdirRunner(ProcessRunner):
+    """A :class:`ProcessRunner` for ``restrict_paths``: the child starts in a directory the
+    policy opened (``/proc/self/fd/N`` as its cwd, so the workdir's path is not resolved
+    again), and logfiles are read through the policy. The master sees the workdir as it
+    asked, and the child's ``PWD`` is that path too."""
+
+    def __init__(self, channel: Channel, command: Any, workdir: str, workdir_fd: int,
+                 beneath: paths.Beneath, logfiles: Any, **kwargs: Any) -> None:
+        self.workdir_fd = workdir_fd
+        super().__init__(channel, command, paths.proc_path(workdir_fd), logfiles=None,
+                         **kwargs)
+        self.workdir = workdir
+        self.environ["PWD"] = os.path.abspath(workdir)
+        if not isinstance(logfiles, dict):
+            raise CommandError("'logfiles' must be a dictionary")
+        self.logfiles = logfiles
+        for name, value in logfiles.items():
+            filename, follow = value, False
+            if isinstance(value, dict):
+                filename, follow = value.get("filename"), bool(value.get("follow", False))
+            if not isinstance(filename, str):
+                raise CommandError(f"logfile '{name}' needs a filename string")
+            path = os.path.join(workdir, filename)
+            try:  # refused now if it leads out already; it may not exist yet
+                dir_fd, _ = beneath.locate(path)
+            except OSError:
+                pass
+            else:
+                os.close(dir_fd)
+            self.watchers.append(LogfileWatcher(str(name), path, follow, beneath))
+
+    def _spawn(self) -> tuple[list[tuple[int, str]], int | None]:
+        shown, self.workdir = self.workdir, paths.proc_path(self.workdir_fd)
+        try:
+            return super()._spawn()
+        finally:
+            self.workdir = shown
+
+
 class ShellCommand(Command):
     """``shell``: run a program or a shell string (PROTOCOL.md section 3.4)."""
 
     required_args = ("workdir", "command")
 
     def run(self) -> None:
+        if self.beneath is None:
+            ProcessRunner(self.channel, self.args["command"], self.arg_str("workdir"),
+                          logfiles=self.args.get("logfiles") or {},
+                          **self.runner_options()).run()
+            return
+        workdir = self.arg_str("workdir")
+        try:
+            workdir_fd = self.beneath.makedirs(workdir)
+        except OSError as e:
+            raise CommandError(f"cannot create workdir '{workdir}': {e.strerror}") from None
+        try:
+            runner = _PinnedWorkdirRunner(
+                self.channel, self.args["command"], workdir, workdir_fd, self.beneath,
+                self.args.get("logfiles") or {}, **self.runner_options())
+            runner.run()
+        finally:
+            os.close(workdir_fd)
+        refused = [f"logfile '{w.name}' not read: {w.refused}" for w in runner.watchers
+                   if w.refused]
+        if refused:  # a link out appeared while the command ran: the step fails
+            raise CommandError("; ".join(refused))
+
+    def runner_options(self) -> dict[str, Any]:
+        """The :class:`ProcessRunner` options from the master's arguments."""
         args = self.args
-        runner = ProcessRunner(
-            self.channel,
-            args["command"],
-            self.arg_str("workdir"),
+        return dict(
             env=args.get("env"),
             send_stdout=self.arg_bool("want_stdout", True),
             send_stderr=self.arg_bool("want_stderr", True),
@@ -595,8 +684,6 @@ class ShellCommand(Command):
             sigterm_time=self.arg_number("sigtermTime"),
             initial_stdin=self.arg_str("initial_stdin", allow_none=True),
             log_environ=self.arg_bool("logEnviron", True),
-            logfiles=args.get("logfiles") or {},
             use_pty=args.get("usePTY", False),
             interrupt_signal=self.arg_str("interruptSignal", None, allow_none=True) or "KILL",
         )
-        runner.run()

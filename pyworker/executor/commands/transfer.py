@@ -23,24 +23,35 @@ at a level that follows the link unless one is configured. Downloads land in a t
 file next to the destination, renamed over it only when the transfer completed: a failed or
 interrupted download leaves the old file untouched.
 
+Under ``restrict_paths`` the file to send or write is opened through :mod:`pyworker.paths`
+(beneath the basedir, when the transfer starts); a download's temporary file is made and
+renamed in the directory fd that resolution returned, and a directory upload walks the tree
+by fds (:class:`BeneathTarStream`, the Python tar writer with fd-relative, ``O_NOFOLLOW``
+opens) so an entry swapped for a link is archived as that link, never followed. A refusal
+fails the command with the policy's message.
+
 Tuning comes from the front end's ``io`` settings: ``block_size``, ``window``,
 ``gzip_level`` and ``bz2_level`` (``'auto'`` or a number), ``compress_threads``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import stat
+import sys
+import tarfile
 import tempfile
 from collections import deque
 from typing import Any
 
-from pyworker import frames, iocore
+from pyworker import frames, iocore, paths
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
 from pyworker.executor.channel import Channel, CommandError
 from pyworker.executor.commands.base import Command
 from pyworker.executor.compress import ChunkedCompressor, default_threads
+from pyworker.iocore import _python as python_iocore
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
 BLOCK_SIZE = 128 * 1024
@@ -166,10 +177,16 @@ class UploadFile(_Upload):
         times: tuple[float, float] | None = None
         fd = -1
         try:
-            if keepstamp:
-                st = os.stat(self.path)
-                times = (st.st_atime, st.st_mtime)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            if self.beneath is not None:
+                fd = self.beneath.open(self.path, os.O_RDONLY)
+                if keepstamp:
+                    st = os.fstat(fd)
+                    times = (st.st_atime, st.st_mtime)
+            else:
+                if keepstamp:
+                    st = os.stat(self.path)
+                    times = (st.st_atime, st.st_mtime)
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             if stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise IsADirectoryError(self.path)
         except OSError:
@@ -230,8 +247,12 @@ class UploadDirectory(_Upload):
         compress = self.args.get("compress")
         if compress not in ("gz", "bz2"):
             compress = None  # the reference writes a plain tar for any other value
+        tar: Any
         try:
-            tar = iocore.TarStream(self.path, None)
+            if self.beneath is not None:
+                tar = BeneathTarStream(self.beneath, self.path)
+            else:
+                tar = iocore.TarStream(self.path, None)
         except OSError as e:
             self.stderr = f"Cannot read directory '{self.path}' for upload: {e}"
             self.rc = 1
@@ -301,9 +322,14 @@ class DownloadFile(_Transfer):
         target = self.path
         tmp: str | None = None
         fd = -1
+        dir_fd: int | None = None  # restrict_paths: target and tmp are names in it
         try:
             try:
-                target, tmp, fd = _open_destination(self.path, mode)
+                if self.beneath is not None:
+                    dir_fd, target, tmp, fd = _open_destination_beneath(self.beneath,
+                                                                        self.path, mode)
+                else:
+                    target, tmp, fd = _open_destination(self.path, mode)
             except OSError:
                 self.stderr = f"Cannot open file '{self.path}' for download"
                 self.rc = 1
@@ -313,7 +339,7 @@ class DownloadFile(_Transfer):
                 fd = -1
                 if completed and tmp is not None:
                     try:
-                        os.replace(tmp, target)
+                        os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                     except OSError as e:
                         self.failure = f"{type(e).__name__}: {e}"
                     else:
@@ -324,9 +350,11 @@ class DownloadFile(_Transfer):
                 os.close(fd)
             if tmp is not None:
                 try:
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dir_fd)
                 except OSError:
                     pass
+            if dir_fd is not None:
+                os.close(dir_fd)
         self.report()
 
     def _receive(self, fd: int) -> bool:
@@ -418,6 +446,124 @@ def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int
             os.unlink(tmp)
         raise
     return target, tmp, fd
+
+
+def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | None
+                              ) -> tuple[int, str, str | None, int]:
+    """:func:`_open_destination` under ``restrict_paths``: (directory fd, final name in it,
+    temporary name or None, open fd). Parents are made and links followed beneath the root
+    only; the names are then used relative to the directory fd, with ``O_NOFOLLOW``."""
+    dir_fd, name = beneath.locate(path, create_dirs=True)
+    try:
+        if name is None:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+        if mode is None:
+            if st is not None:
+                mode = stat.S_IMODE(st.st_mode)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+        tmp: str | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            for _ in range(100):
+                candidate = f".{name[:64]}.{os.urandom(6).hex()}.pyworker-tmp"
+                try:
+                    fd = os.open(candidate, flags | os.O_EXCL, 0o600, dir_fd=dir_fd)
+                except FileExistsError:
+                    continue
+                tmp = candidate
+                break
+            else:
+                raise FileExistsError(errno.EEXIST, "no temporary name", path)
+        except PermissionError:
+            fd = os.open(name, flags | os.O_TRUNC, 0o666, dir_fd=dir_fd)
+            try:
+                beneath.check_fd(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            os.close(fd)
+            if tmp is not None:
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd, name, tmp, fd
+
+
+class BeneathTarStream(python_iocore.TarStream):
+    """The tar writer for ``restrict_paths``: each entry is located beneath the root
+    without following its last component, then read through fds with ``O_NOFOLLOW``
+    (an entry swapped for a link since it was listed is archived as that link)."""
+
+    def __init__(self, beneath: paths.Beneath, root: str) -> None:
+        self._beneath = beneath
+        super().__init__(root, None)
+
+    def _entry(self, path: str, arcname: str, is_root: bool = False
+               ) -> tuple[bytes, int | None, int, list[str] | None] | None:
+        try:
+            dir_fd, name = self._beneath.locate(path, follow_last=False)
+        except (FileNotFoundError, NotADirectoryError):
+            if is_root:
+                raise
+            return None  # vanished: skipped
+        try:
+            try:
+                st = (os.fstat(dir_fd) if name is None
+                      else os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+            except FileNotFoundError:
+                if is_root:
+                    raise
+                return None
+            info = self._tarinfo(paths.proc_path(dir_fd, name), arcname, st)
+            if info is None:
+                return None
+            here = "." if name is None else name
+            fd: int | None = None
+            if info.type == tarfile.REGTYPE and info.size > 0:
+                try:
+                    fd = os.open(here, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                except OSError:
+                    fd = -1  # gone, or not that file any more: zeros
+                else:
+                    try:
+                        self._beneath.check_fd(path, fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+            header = info.tobuf(tarfile.PAX_FORMAT, sys.getfilesystemencoding(),
+                                "surrogateescape")
+            listing: list[str] | None = None
+            if info.type == tarfile.DIRTYPE:
+                try:
+                    lfd = os.open(here, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, dir_fd=dir_fd)
+                    try:
+                        listing = sorted(os.listdir(lfd))
+                    finally:
+                        os.close(lfd)
+                except (FileNotFoundError, NotADirectoryError, OSError):
+                    if is_root:
+                        raise
+                    listing = []
+            size = info.size if info.type == tarfile.REGTYPE else 0
+            return header, fd, size, listing
+        finally:
+            os.close(dir_fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
