@@ -35,7 +35,7 @@ PROG = "pyworker"
 _NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
 
 
-class MakerBase(usage.Options):  # type: ignore[misc]
+class MakerBase(usage.Options):
     """Common to the sub-commands that work on a worker directory."""
 
     optFlags: list[list[str | None]] = [
@@ -343,14 +343,14 @@ class CreateWorkerOptions(MakerBase):
             self["compress-threads"] = int(value)
 
 
-class BenchOptions(usage.Options):  # type: ignore[misc]
+class BenchOptions(usage.Options):
     """Only for the command list in ``--help``: ``bench`` arguments go to pyworker.bench."""
 
     def getSynopsis(self) -> str:
         return f"Usage:    {PROG} bench [bench options]"
 
 
-class Options(usage.Options):  # type: ignore[misc]
+class Options(usage.Options):
     longdesc = ""
     synopsis = f"Usage:    {PROG} <command> [command options]"
     subCommands = [

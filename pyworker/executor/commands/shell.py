@@ -289,12 +289,11 @@ class ProcessRunner:
                 fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass
-        stdin_fd = self.proc.stdin.fileno()
         if not self.stdin_data:
             self.proc.stdin.close()
-            stdin_fd = None
-        else:
-            os.set_blocking(stdin_fd, False)
+            return streams, None
+        stdin_fd = self.proc.stdin.fileno()
+        os.set_blocking(stdin_fd, False)
         return streams, stdin_fd
 
     def run(self) -> int:

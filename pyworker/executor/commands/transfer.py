@@ -34,7 +34,7 @@ import select
 import stat
 import tempfile
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from pyworker import frames, iocore
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
@@ -111,7 +111,7 @@ class _Transfer(Command):
 class _Upload(_Transfer):
     """The write window shared by file and directory uploads."""
 
-    required_args = ("path", "blocksize", "maxsize")
+    required_args: ClassVar[tuple[str, ...]] = ("path", "blocksize", "maxsize")
 
     def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
         super().__init__(channel, request)
