@@ -25,7 +25,9 @@ class ExecutorDriver:
         environ = dict(os.environ if env is None else env)
         environ["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + environ.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyworker.executor"],
+            # -P: `-m` would put the cwd first on sys.path, so from the repo root the executor
+            # ran the source tree (no compiled C core) instead of PACKAGE_PARENT's package
+            [sys.executable, "-P", "-m", "pyworker.executor"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=environ,

@@ -41,7 +41,9 @@ from typing import Any
 
 from twisted.cred import checkers, portal
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ServerFactory
 from twisted.python.failure import Failure
 from twisted.spread import banana, pb
 from zope.interface import implementer
@@ -156,7 +158,7 @@ class CommandReceiver(pb.Referenceable):
         self.updates = 0
         self.update_calls = 0
         self.protocol_errors: list[str] = []
-        self.started = reactor.seconds()  # type: ignore[attr-defined]
+        self.started = reactor.seconds()
         self.done: defer.Deferred[CommandResult] = defer.Deferred()
         self.finished = False
 
@@ -231,11 +233,11 @@ class CommandReceiver(pb.Referenceable):
             updates=self.updates,
             update_calls=self.update_calls,
             started=self.started,
-            finished=reactor.seconds(),  # type: ignore[attr-defined]
+            finished=reactor.seconds(),
         )
         if self.protocol_errors:
             result.other["protocol_errors"] = self.protocol_errors
-        reactor.callLater(0, self.done.callback, result)  # type: ignore[attr-defined]
+        reactor.callLater(0, self.done.callback, result)
 
     def fail(self, reason: str) -> None:
         """The command could not even start, or the connection went away."""
@@ -365,6 +367,8 @@ class FastBroker(pb.Broker):
         stack = self.listStack
         got = self.gotItem
         limit = self.prefixLimit
+        if limit is None:  # set by connectionMade, which Twisted calls before any data
+            raise banana.BananaError("data received before the connection was made")
         while pos < n:
             start = pos
             while pos < n and buf[pos] < 0x80:
@@ -487,10 +491,14 @@ class EmbeddedMaster:
             **{name: pw.encode() for name, pw in self.passwords.items()}
         )
         p = portal.Portal(_Realm(self), [checker])
-        factory = pb.PBServerFactory(p)
+        # ServerFactory is invariant in its protocol: listenTCP's plain ServerFactory does not
+        # accept the ServerFactory[Broker] it is, unless widened to Any.
+        factory: ServerFactory[Any] = pb.PBServerFactory(p)
         factory.protocol = FastBroker
-        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-        return int(self.port.getHost().port)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        host = self.port.getHost()
+        assert isinstance(host, IPv4Address)
+        return host.port
 
     def stop(self) -> defer.Deferred[Any]:
         if self.port is None:
@@ -548,6 +556,6 @@ class EmbeddedMaster:
         conn = self.workers.get(worker)
         if conn is None:
             return defer.succeed(None)
-        d = conn.bot.callRemote("shutdown")
+        d: defer.Deferred[Any] = conn.bot.callRemote("shutdown")
         d.addErrback(lambda _: None)
         return d

@@ -207,12 +207,12 @@ class ReactorThread:
 
         def run() -> None:
             if profile is None:
-                reactor.run(installSignalHandlers=False)
+                self.reactor.run(installSignalHandlers=False)
                 return
             import cProfile
 
             prof = cProfile.Profile()
-            prof.runcall(reactor.run, installSignalHandlers=False)
+            prof.runcall(self.reactor.run, installSignalHandlers=False)
             prof.dump_stats(profile)
 
         self.thread = threading.Thread(target=run, daemon=True, name="reactor")

@@ -115,12 +115,14 @@ def open_logfile(config: WorkerConfig) -> LogFile:
     """``twistd.log`` as the reference opens it: the tac's LogFile, or twistd's default."""
     path = os.path.join(config.basedir, LOGFILE)
     if config.log_rotate:
-        return LogFile.fromFullPath(
+        logfile: LogFile = LogFile.fromFullPath(
             path, rotateLength=config.rotate_length, maxRotatedFiles=config.max_rotated_files
         )
+        return logfile
     # Without the tac's log block twistd opens --logfile=twistd.log with LogFile's
     # defaults (rotate at 1 MB, keep every old file) and rotates on SIGUSR1.
-    return LogFile.fromFullPath(path)
+    logfile = LogFile.fromFullPath(path)
+    return logfile
 
 
 def _check_pid(pidfile: str) -> str | None:
@@ -353,7 +355,9 @@ class _Logging:
         if log_format == "json":
             self.observer = JSONLineObserver(logfile)
         else:
-            self.observer = LegacyLogObserverWrapper(log.FileLogObserver(logfile).emit)
+            # a legacy observer is a plain callable; Twisted annotates it as ILogObserver
+            emit = log.FileLogObserver(logfile).emit
+            self.observer = LegacyLogObserverWrapper(emit)  # type: ignore[arg-type]
         globalLogBeginner.beginLoggingTo([self.observer], redirectStandardIO=True)
         self.old_usr1: Any = None
         if rotate_on_usr1 and not signal.getsignal(signal.SIGUSR1):

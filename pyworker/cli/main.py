@@ -29,7 +29,7 @@ PROG = "pyworker"
 _NUMBER_OR_NONE = re.compile(r"^((0o)\d+|0|[1-9]\d*)$")
 
 
-class MakerBase(usage.Options):  # type: ignore[misc]
+class MakerBase(usage.Options):
     """Common to the sub-commands that work on a worker directory."""
 
     optFlags: list[list[str | None]] = [
@@ -286,14 +286,14 @@ class CreateWorkerOptions(MakerBase):
                 raise usage.UsageError(f"{setting.option} {exc}") from exc
 
 
-class BenchOptions(usage.Options):  # type: ignore[misc]
+class BenchOptions(usage.Options):
     """Only for the command list in ``--help``: ``bench`` arguments go to the profiler."""
 
     def getSynopsis(self) -> str:
         return f"Usage:    {PROG} bench [bench options]"
 
 
-class Options(usage.Options):  # type: ignore[misc]
+class Options(usage.Options):
     longdesc = ""
     synopsis = f"Usage:    {PROG} <command> [command options]"
     subCommands = [

@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from pyworker import frames
+from pyworker.iocore.api import StreamPumpAPI
 from pyworker.iocore.lines import LineSplitter
 
 
@@ -50,7 +51,7 @@ class Channel:
         self._splitters: dict[str, LineSplitter] = {}
         #: Process output streams: decoded, split and framed by the I/O core, written
         #: straight to our event pipe.
-        self._pumps: dict[str, Any] = {}
+        self._pumps: dict[str, StreamPumpAPI] = {}
         self.interrupt_reason: str | None = None
         #: Set by :meth:`interrupted_hook` owners: called when an ``INTERRUPT`` arrives.
         self.on_interrupt: Any = None
@@ -86,7 +87,7 @@ class Channel:
         if lines:
             self.write(frames.frame(frames.TEXT, lines.encode("utf-8"), frames.CHANNEL_OF[key]))
 
-    def pump(self, key: str, count_lines: bool = False) -> Any:
+    def pump(self, key: str, count_lines: bool = False) -> StreamPumpAPI:
         """The :class:`pyworker.iocore.StreamPump` of stream ``key`` for this command."""
         pump = self._pumps.get(key)
         if pump is None:

@@ -277,8 +277,9 @@ class MsgpackProtocol(WebSocketClientProtocol):
         log.info("Connected to buildmaster (msgpack); worker is ready")
         self.open = True
         self.seq_number = 0
+        transport: Any = self.transport  # TCP or TLS over TCP: the option is tried
         try:
-            self.transport.setTcpKeepAlive(1)
+            transport.setTcpKeepAlive(1)
         except Exception:
             log.info("unable to set SO_KEEPALIVE")
         self.factory.front.connected_to(self)
@@ -350,12 +351,15 @@ class MsgpackProtocol(WebSocketClientProtocol):
     def _request_failed(self, msg: dict[str, Any], f: Failure) -> None:
         if not f.check(KeyError, ValueError, RemoteError, CommandRefused):
             log.failure("while answering {op}", f, op=msg.get("op"))
-        text = str(f.value.args[0]) if f.check(KeyError) and f.value.args else str(f.value)
+        value = f.value
+        text = str(value.args[0]) if isinstance(value, KeyError) and value.args else str(value)
         self.respond(msg, text, is_exception=True)
 
 
 class MsgpackFactory(WebSocketClientFactory):
-    protocol = MsgpackProtocol
+    # autobahn's factory is a plain ClientFactory (of any protocol), and Twisted's Factory is
+    # invariant in it: no annotation makes our protocol's `factory: MsgpackFactory` fit.
+    protocol = MsgpackProtocol  # type: ignore[assignment]
 
     def __init__(self, front: MsgpackFront, url: str, auth_header: str) -> None:
         super().__init__(url, reactor=front.core.reactor)

@@ -98,19 +98,24 @@ class PBMasterSide:
         self._on_lost: Any = None
 
     def send_updates(self, updates: list[tuple[str, Any]]) -> defer.Deferred[Any]:
-        return self.command_ref.callRemote("update", [[{k: v}, 0] for k, v in updates])
+        d: defer.Deferred[Any] = self.command_ref.callRemote(
+            "update", [[{k: v}, 0] for k, v in updates]
+        )
+        return d
 
     def complete(self, failure: str | None) -> defer.Deferred[Any]:
         value = None
         if failure is not None:
             value = pb.failure2Copyable(Failure(RuntimeError(failure)))
-        return self.command_ref.callRemote("complete", value)
+        d: defer.Deferred[Any] = self.command_ref.callRemote("complete", value)
+        return d
 
     def call(self, target: str, method: str, args: tuple[Any, ...]) -> defer.Deferred[Any]:
         ref = self.refs.get(target)
         if ref is None:
             return defer.fail(RuntimeError(f"this command has no {target}"))
-        return ref.callRemote(method, *args)
+        d: defer.Deferred[Any] = ref.callRemote(method, *args)
+        return d
 
     def watch(self, on_lost: Any) -> None:
         """Call ``on_lost`` if the master's ``RemoteCommand`` goes away."""
@@ -241,7 +246,7 @@ class BotFactory(pb.PBClientFactory):
     # -- logging in --------------------------------------------------------------------
 
     def buildProtocol(self, addr: Any) -> pb.Broker:  # noqa: N802 - Twisted
-        broker = super().buildProtocol(addr)
+        broker: pb.Broker = super().buildProtocol(addr)
         lost = broker.connectionLost
 
         def connection_lost(reason: Failure) -> None:
@@ -276,14 +281,16 @@ class BotFactory(pb.PBClientFactory):
         log.info("Connected to buildmaster; worker is ready")
         self.perspective = perspective
         self.core.connection_made()
+        # TCP, TLS over TCP or the proxy tunnel's: the TCP options are tried, not assumed.
+        transport: Any = broker.transport
         try:
-            broker.transport.setTcpKeepAlive(1)
+            transport.setTcpKeepAlive(1)
         except Exception:
             log.info("unable to set SO_KEEPALIVE")
         try:
             # Small replies (startCommand's, a lone rc) must not wait ~40 ms for the
             # master's delayed ACK: Nagle would hold every next small update back.
-            broker.transport.setTcpNoDelay(True)
+            transport.setTcpNoDelay(True)
         except Exception:
             log.info("unable to set TCP_NODELAY")
         interval = self.core.config.keepalive
@@ -313,7 +320,7 @@ class BotFactory(pb.PBClientFactory):
         if why.check(pb.PBConnectionLost):
             log.info("we lost the brand-new connection")
         elif why.check(cred_error.UnauthorizedLogin) or (
-            why.check(pb.RemoteError)
+            isinstance(why.value, pb.RemoteError)
             and _text(why.value.remoteType) == "twisted.cred.error.UnauthorizedLogin"
         ):
             log.info("unauthorized login; check worker name and password")
@@ -328,7 +335,8 @@ class BotFactory(pb.PBClientFactory):
         log.info("Scheduling retry {n} to getPerspective in {delay} seconds.",
                  n=self._failed_logins, delay=delay)
         yield task.deferLater(self.core.reactor, delay, lambda: None)
-        broker.transport.loseConnection()
+        if broker.transport is not None:
+            broker.transport.loseConnection()
 
 
 def _text(value: Any) -> str:

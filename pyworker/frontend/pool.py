@@ -154,7 +154,7 @@ class Executor(protocol.ProcessProtocol):
 
     @property
     def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None  # type: ignore[attr-defined]
+        return self.transport.pid if self.transport is not None else None
 
     def attach_pipes(self, reactor: Any, control_fd: int, events_fd: int) -> None:
         self.writer = _PipeWriter(reactor, control_fd)

@@ -65,7 +65,7 @@ class _TunnelProtocol(protocol.Protocol):
         if not self.done.called:
             self.done.errback(TunnelError(why))
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802 - Twisted
         if self.inner is not None:
             self.inner.connectionLost(reason)
         elif not self.done.called:
@@ -86,7 +86,7 @@ class HTTPTunnelEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         done: defer.Deferred[Any] = defer.Deferred()
         tunnel_factory = protocol.Factory.forProtocol(
-            lambda: _TunnelProtocol(self.host, self.port, factory, done)  # type: ignore[arg-type]
+            lambda: _TunnelProtocol(self.host, self.port, factory, done)
         )
         d = self.proxy_endpoint.connect(tunnel_factory)
 

@@ -9,7 +9,8 @@ Two twins implement the same names with identical results: the C core
 * ``c``: C or ``ImportError``;
 * ``python``: always the Python twin.
 
-API (both twins):
+API (both twins; the one interface they share, for mypy and for callers, is
+:mod:`pyworker.iocore.api`, and the names below are exported typed as it):
 
 * ``TarStream(root, compress, level=9, *, gzip_mtime=None)`` with
   ``read(max_bytes) -> bytes`` (``b''`` at the end) and ``close()``: the
@@ -66,7 +67,9 @@ the gzip header differs only in its timestamp unless ``gzip_mtime`` is given.
 from __future__ import annotations
 
 import os
-from types import ModuleType
+import struct
+
+from pyworker.iocore.api import IOCore, StreamPumpAPI, TarStreamAPI
 
 BACKEND: str
 """``'c'`` or ``'python'``: the twin behind the names below."""
@@ -75,7 +78,8 @@ C_IMPORT_ERROR: BaseException | None = None
 """Why the C core could not be imported (``None`` if it could or was not tried)."""
 
 
-def _load() -> tuple[str, ModuleType]:
+def _load() -> tuple[str, IOCore]:
+    """The chosen twin, typed as the one interface (mypy checks each twin module against it)."""
     global C_IMPORT_ERROR
     choice = os.environ.get("PYWORKER_IO", "auto").strip().lower() or "auto"
     if choice not in ("auto", "c", "python"):
@@ -99,7 +103,7 @@ def _load() -> tuple[str, ModuleType]:
 BACKEND, _impl = _load()
 
 FEATURES: frozenset[str] = _impl.FEATURES
-FRAME_HEADER = _impl.FRAME_HEADER
+FRAME_HEADER: struct.Struct = _impl.FRAME_HEADER
 PUMP_MAX_READ: int = _impl.PUMP_MAX_READ
 StreamPump = _impl.StreamPump
 TarStream = _impl.TarStream
@@ -114,9 +118,12 @@ __all__ = [
     "C_IMPORT_ERROR",
     "FEATURES",
     "FRAME_HEADER",
+    "IOCore",
     "PUMP_MAX_READ",
     "StreamPump",
+    "StreamPumpAPI",
     "TarStream",
+    "TarStreamAPI",
     "copy_file",
     "features",
     "recv_to_file",

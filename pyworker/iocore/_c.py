@@ -14,7 +14,7 @@ from typing import Any
 
 from pyworker import frames
 from pyworker.iocore._common import FRAME_HEADER, check_frame_args, check_tar_args
-from pyworker.iocore._iocore import ffi, lib  # type: ignore[import-not-found]
+from pyworker.iocore._iocore import ffi, lib
 
 __all__ = [
     "FEATURES",

@@ -18,7 +18,7 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from types import TracebackType
 
 from pyworker import frames
@@ -193,7 +193,7 @@ class TarStream:
             self._bobj = bz2.BZ2Compressor(level)
         # the root entry (and its listing) now, so unreadable roots raise here
         first = self._entry(root, "", is_root=True)
-        self._gen: Iterator[bytes] | None = self._generate(first)
+        self._gen: Generator[bytes, None, None] | None = self._generate(first)
 
     # -- archive generation --------------------------------------------
 
@@ -291,7 +291,7 @@ class TarStream:
                 os.close(fd)
 
     def _generate(self, first: tuple[bytes, int | None, int, list[str] | None] | None
-                  ) -> Iterator[bytes]:
+                  ) -> Generator[bytes, None, None]:
         total = 0
         stack: list[tuple[str, str, Iterator[str]]] = []
         current = first
@@ -363,7 +363,7 @@ class TarStream:
         """Release the open file and compressor state."""
         gen, self._gen = self._gen, None
         if gen is not None:
-            gen.close()  # type: ignore[attr-defined]
+            gen.close()
         self._out.clear()
         self._closed = True
 

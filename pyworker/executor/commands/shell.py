@@ -318,12 +318,11 @@ class ProcessRunner:
                 fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass
-        stdin_fd = self.proc.stdin.fileno()
         if not self.stdin_data:
             self.proc.stdin.close()
-            stdin_fd = None
-        else:
-            os.set_blocking(stdin_fd, False)
+            return streams, None
+        stdin_fd = self.proc.stdin.fileno()
+        os.set_blocking(stdin_fd, False)
         return streams, stdin_fd
 
     def run(self) -> int:
@@ -345,188 +344,25 @@ class ProcessRunner:
             self._reap_leftovers()
 
     def _pump(self, streams: list[tuple[int, str]], stdin_fd: int | None, started: float) -> int:
-        proc = self.proc
-        assert proc is not None
-        channel = self.channel
-        pidfd = os.pidfd_open(proc.pid)
-        counting = self.max_lines is not None
-        pumps = {key: channel.pump(key, count_lines=counting) for _, key in streams}
-        open_fds = {fd: key for fd, key in streams}
-        stdin_view = memoryview(self.stdin_data or b"") if stdin_fd is not None else None
-        poller = select.poll()
-        for fd in open_fds:
-            poller.register(fd, select.POLLIN)
-        poller.register(pidfd, select.POLLIN)
-        poller.register(channel.rfd, select.POLLIN)
-        if stdin_fd is not None:
-            poller.register(stdin_fd, select.POLLOUT)
+        """Watch the running child until it has exited and its output is read; report its rc.
 
-        now = time.monotonic()
-        io_deadline = now + self.timeout if self.timeout else None
-        max_deadline = now + self.max_time if self.max_time else None
-        poll_deadline = now + LOGFILE_POLL_INTERVAL if self.watchers else None
-        sample_deadline = now + RSS_SAMPLE_INTERVAL
-        self._sigterm_deadline: float | None = None
-        self._backup_deadline: float | None = None
-        exited = False
-
-        def close_streams() -> None:
-            for fd in list(open_fds):
-                poller.unregister(fd)
-                del open_fds[fd]
-                if self.use_pty:
-                    os.close(fd)
-            if self.proc is not None and not self.use_pty:
-                for f in (self.proc.stdout, self.proc.stderr):
-                    if f is not None:
-                        f.close()
-
-        def kill(msg: str) -> None:
-            nonlocal io_deadline, max_deadline
-            io_deadline = max_deadline = None
-            self._header("\n" + msg + ", attempting to kill\n")
-            self.killed = True
-            if self.sigterm_time is not None:
-                self._signal(signal.SIGTERM)
-                self._sigterm_deadline = time.monotonic() + self.sigterm_time
-            else:
-                self._signal(_signal_number(self.interrupt_signal))
-                close_streams()
-                self._backup_deadline = time.monotonic() + BACKUP_TIMEOUT
-
-        def on_interrupt() -> None:
-            if not exited and not self.killed:
-                kill("command interrupted")
-
-        channel.on_interrupt = on_interrupt
-        if channel.interrupt_reason is not None:
-            on_interrupt()
-
+        Each wake-up handles what the poll returned (:meth:`_RunState.dispatch`), then what
+        is due (:meth:`_RunState.due`); :class:`_RunState` holds what is tracked in between.
+        """
+        assert self.proc is not None
+        run = _RunState(self, self.proc, streams, stdin_fd)
+        self.channel.on_interrupt = run.on_interrupt
+        if self.channel.interrupt_reason is not None:
+            run.on_interrupt()
         try:
-            while not exited or open_fds:
-                deadlines = [
-                    d
-                    for d in (io_deadline, max_deadline, poll_deadline, self._sigterm_deadline,
-                              self._backup_deadline, sample_deadline)
-                    if d is not None
-                ]
-                wait_ms = None
-                if deadlines:
-                    wait_ms = max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
-                events = poller.poll(wait_ms)
-                for fd, event in events:
-                    if fd in open_fds:
-                        key = open_fds[fd]
-                        n = self._read(pumps[key], fd, key, kill)
-                        if n < 0:
-                            continue  # EAGAIN
-                        if n == 0:
-                            poller.unregister(fd)
-                            del open_fds[fd]
-                            if self._wanted(key):
-                                pumps[key].eof()
-                            if self.use_pty:
-                                os.close(fd)
-                            continue
-                        if io_deadline is not None:
-                            io_deadline = time.monotonic() + self.timeout  # type: ignore[operator]
-                    elif fd == pidfd:
-                        poller.unregister(pidfd)
-                        exited = True
-                        if self.use_pty:
-                            # Nobody else may hold the terminal: do not wait for an EOF.
-                            for pty_fd, key in list(open_fds.items()):
-                                try:
-                                    while self._read(pumps[key], pty_fd, key, kill) > 0:
-                                        pass
-                                except OSError:
-                                    pass
-                            close_streams()
-                    elif fd == channel.rfd:
-                        channel.fill()
-                    elif fd == stdin_fd:
-                        assert stdin_view is not None
-                        try:
-                            n = os.write(stdin_fd, stdin_view)
-                        except BlockingIOError:
-                            continue
-                        except BrokenPipeError:
-                            n = len(stdin_view)
-                        stdin_view = stdin_view[n:]
-                        if not stdin_view or event & (select.POLLERR | select.POLLHUP):
-                            poller.unregister(stdin_fd)
-                            assert proc.stdin is not None
-                            proc.stdin.close()
-                            stdin_fd = None
-                now = time.monotonic()
-                if io_deadline is not None and now >= io_deadline:
-                    channel.update([("failure_reason", "timeout_without_output")], force=True)
-                    kill(
-                        f"command timed out: {self.timeout} seconds without output "
-                        f"running {self.fake}"
-                    )
-                if max_deadline is not None and now >= max_deadline:
-                    channel.update([("failure_reason", "timeout")], force=True)
-                    kill(f"command timed out: {self.max_time} seconds elapsed running {self.fake}")
-                if now >= sample_deadline:
-                    self._sample_rss()
-                    sample_deadline = now + RSS_SAMPLE_INTERVAL
-                if poll_deadline is not None and now >= poll_deadline:
-                    self._poll_logfiles()
-                    poll_deadline = now + LOGFILE_POLL_INTERVAL
-                    if io_deadline is not None and self._logfile_activity:
-                        io_deadline = now + self.timeout  # type: ignore[operator]
-                if self._sigterm_deadline is not None and now >= self._sigterm_deadline:
-                    self._sigterm_deadline = None
-                    if proc.poll() is None:
-                        self._signal(_signal_number(self.interrupt_signal))
-                    close_streams()
-                    self._backup_deadline = now + BACKUP_TIMEOUT
-                if self._backup_deadline is not None and now >= self._backup_deadline:
-                    if proc.poll() is None:
-                        name = "SIG" + self.interrupt_signal
-                        self._header(f"{name} failed to kill process\n")
-                        if self.send_rc:
-                            self._header("using fake rc=-1\n")
-                            channel.update([("rc", -1)], force=True)
-                        raise CommandError(f"{name} failed to kill process")
-                    self._backup_deadline = None
-                    exited = True
-                    close_streams()
+            while not run.exited or run.open_fds:
+                for fd, event in run.poller.poll(run.wait_ms()):
+                    run.dispatch(fd, event)
+                run.due(time.monotonic())
         finally:
-            channel.on_interrupt = None
-            os.close(pidfd)
-            if proc.poll() is None:
-                self._signal(signal.SIGKILL)
-            close_streams()
-            if proc.stdin is not None and not proc.stdin.closed:
-                proc.stdin.close()
-
-        if proc.returncode is None:
-            # Reap it ourselves: wait4 also gives its peak RSS (and its waited-for children's).
-            try:
-                _, status, rusage = os.wait4(proc.pid, 0)
-            except ChildProcessError:
-                pass
-            else:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                channel.peak_rss = max(channel.peak_rss, rusage.ru_maxrss * 1024)
-        rc = proc.wait()
-        elapsed = time.time() - started
-        self._poll_logfiles()
-        for w in self.watchers:
-            w.stop()
-        sig = -rc if rc < 0 else None
-        if sig is not None or (self.killed and rc == 0):
-            rc = -1
-        if self.send_rc:
-            if sig is not None:
-                self._header(f"process killed by signal {sig}\n")
-            channel.update([("rc", rc)], force=True)
-        self._header(f"elapsedTime={elapsed:0.6f}\n")
-        return rc
-
-    _logfile_activity = False
+            self.channel.on_interrupt = None
+            run.close()
+        return run.finish(started)
 
     def _sample_rss(self) -> None:
         """Add up the RSS of the command's process tree (for the resource report)."""
@@ -546,37 +382,18 @@ class ProcessRunner:
                 pass
         self.channel.peak_rss = max(self.channel.peak_rss, total)
 
-    def _poll_logfiles(self) -> None:
-        self._logfile_activity = False
+    def _poll_logfiles(self) -> bool:
+        """Send what the watched logfiles gained; True if any had new text."""
+        active = False
         for w in self.watchers:
             text = w.poll()
             if text:
-                self._logfile_activity = True
+                active = True
                 self.channel.log(w.name, text, force=True)
+        return active
 
     def _wanted(self, key: str) -> bool:
         return self.send_stdout if key == "stdout" else self.send_stderr
-
-    def _read(self, pump: Any, fd: int, key: str, kill: Any) -> int:
-        """One read of a stream through its pump: bytes read, 0 at EOF, -1 if none ready.
-
-        With ``max_lines`` the frame is held until the lines are counted: the chunk that
-        crosses the limit reaches the master after the kill header, as the reference's.
-        """
-        if not self._wanted(key):
-            return int(pump.discard_from(fd, READ_SIZE))
-        counting = self.max_lines is not None and not self.killed
-        n = int(pump.read_from(fd, READ_SIZE, send=not counting))
-        if counting and n > 0:
-            self.line_count += pump.last_newlines
-            if self.line_count > self.max_lines:  # type: ignore[operator]
-                self.channel.update([("failure_reason", "max_lines_failure")], force=True)
-                kill(
-                    f"command exceeds max lines: {self.line_count}/{self.max_lines} "
-                    f"written/allowed running {self.fake}"
-                )
-            pump.send()
-        return n
 
     def _signal(self, signum: int) -> None:
         """Signal the command's process group (its pgid is its pid), else the process."""
@@ -597,6 +414,279 @@ class ProcessRunner:
         if self.killed:
             kill_descendants()
         reap_children()
+
+
+class _RunState:
+    """One run of :meth:`ProcessRunner._pump`: the child's streams, stdin, pidfd and timers.
+
+    Its steps, one per section below: **output** (a stream is readable: read it through its
+    pump), **exit** (the pidfd fired), **stdin** (feed ``initial_stdin``), **deadlines**
+    (``timeout``, ``maxTime``, ``max_lines`` and the kill sequence: ``sigtermTime``, then
+    the interrupt signal, then giving up after :data:`BACKUP_TIMEOUT`) and **collect**
+    (RSS samples, logfile polls, and at the end reaping the child and reporting its rc).
+    """
+
+    def __init__(self, runner: ProcessRunner, proc: subprocess.Popen[bytes],
+                 streams: list[tuple[int, str]], stdin_fd: int | None) -> None:
+        self.runner = runner
+        self.proc = proc
+        self.channel = runner.channel
+        self.pidfd = os.pidfd_open(proc.pid)
+        counting = runner.max_lines is not None
+        self.pumps = {key: self.channel.pump(key, count_lines=counting) for _, key in streams}
+        #: Output streams not at EOF yet: fd -> ``stdout`` / ``stderr``.
+        self.open_fds = {fd: key for fd, key in streams}
+        self.stdin_fd = stdin_fd
+        self.stdin_view = memoryview(runner.stdin_data or b"") if stdin_fd is not None else None
+        self.poller = select.poll()
+        for fd in self.open_fds:
+            self.poller.register(fd, select.POLLIN)
+        self.poller.register(self.pidfd, select.POLLIN)
+        self.poller.register(self.channel.rfd, select.POLLIN)
+        if stdin_fd is not None:
+            self.poller.register(stdin_fd, select.POLLOUT)
+
+        now = time.monotonic()
+        self.io_deadline = now + runner.timeout if runner.timeout else None
+        self.max_deadline = now + runner.max_time if runner.max_time else None
+        self.poll_deadline = now + LOGFILE_POLL_INTERVAL if runner.watchers else None
+        self.sample_deadline = now + RSS_SAMPLE_INTERVAL
+        self.sigterm_deadline: float | None = None
+        self.backup_deadline: float | None = None
+        self.exited = False
+
+    def wait_ms(self) -> int | None:
+        """How long the poll may sleep: until the next deadline (None: no deadline)."""
+        deadlines = [
+            d
+            for d in (self.io_deadline, self.max_deadline, self.poll_deadline,
+                      self.sigterm_deadline, self.backup_deadline, self.sample_deadline)
+            if d is not None
+        ]
+        if not deadlines:
+            return None
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def dispatch(self, fd: int, event: int) -> None:
+        """Handle one poll event."""
+        if fd in self.open_fds:
+            self.on_output(fd)
+        elif fd == self.pidfd:
+            self.on_exit()
+        elif fd == self.channel.rfd:
+            self.channel.fill()  # an INTERRUPT calls on_interrupt
+        elif fd == self.stdin_fd:
+            self.on_stdin(event)
+
+    def due(self, now: float) -> None:
+        """What is due at ``now``, in this order: timeouts, collecting, the kill sequence."""
+        self.check_timeouts(now)
+        self.collect(now)
+        self.escalate(now)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def on_output(self, fd: int) -> None:
+        """A stream is readable: pump one read; at EOF, end it; output restarts ``timeout``."""
+        key = self.open_fds[fd]
+        n = self.read(fd, key)
+        if n < 0:
+            return  # EAGAIN
+        if n == 0:
+            self.poller.unregister(fd)
+            del self.open_fds[fd]
+            if self.runner._wanted(key):
+                self.pumps[key].eof()
+            if self.runner.use_pty:
+                os.close(fd)
+            return
+        self._restart_idle_timer(time.monotonic())
+
+    def read(self, fd: int, key: str) -> int:
+        """One read of a stream through its pump: bytes read, 0 at EOF, -1 if none ready.
+
+        With ``max_lines`` the frame is held until the lines are counted: the chunk that
+        crosses the limit reaches the master after the kill header, as the reference's.
+        """
+        runner = self.runner
+        pump = self.pumps[key]
+        if not runner._wanted(key):
+            return pump.discard_from(fd, READ_SIZE)
+        limit = None if runner.killed else runner.max_lines
+        n = pump.read_from(fd, READ_SIZE, send=limit is None)
+        if limit is not None and n > 0:
+            self.check_max_lines(pump.last_newlines, limit)
+            pump.send()
+        return n
+
+    def close_streams(self) -> None:
+        """Stop reading the output streams (after a kill or the exit, or when done)."""
+        for fd in list(self.open_fds):
+            self.poller.unregister(fd)
+            del self.open_fds[fd]
+            if self.runner.use_pty:
+                os.close(fd)
+        if not self.runner.use_pty:
+            for f in (self.proc.stdout, self.proc.stderr):
+                if f is not None:
+                    f.close()
+
+    # -- exit ------------------------------------------------------------------------------
+
+    def on_exit(self) -> None:
+        """The child exited. A PTY's output is read now: nobody else may hold the terminal,
+        so there is no EOF to wait for."""
+        self.poller.unregister(self.pidfd)
+        self.exited = True
+        if self.runner.use_pty:
+            for pty_fd, key in list(self.open_fds.items()):
+                try:
+                    while self.read(pty_fd, key) > 0:
+                        pass
+                except OSError:
+                    pass
+            self.close_streams()
+
+    def on_interrupt(self) -> None:
+        """The master interrupted the command (``Channel.on_interrupt``)."""
+        if not self.exited and not self.runner.killed:
+            self.kill("command interrupted")
+
+    # -- stdin -----------------------------------------------------------------------------
+
+    def on_stdin(self, event: int) -> None:
+        """The child's stdin takes more: write what is left, close it when done or broken."""
+        assert self.stdin_fd is not None and self.stdin_view is not None
+        try:
+            n = os.write(self.stdin_fd, self.stdin_view)
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            n = len(self.stdin_view)
+        self.stdin_view = self.stdin_view[n:]
+        if not self.stdin_view or event & (select.POLLERR | select.POLLHUP):
+            self.poller.unregister(self.stdin_fd)
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.stdin_fd = None
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _restart_idle_timer(self, now: float) -> None:
+        """New output: ``timeout`` counts from ``now`` (unless killed: then it is off)."""
+        timeout = self.runner.timeout
+        if self.io_deadline is not None and timeout:
+            self.io_deadline = now + timeout
+
+    def check_timeouts(self, now: float) -> None:
+        """``timeout`` (seconds without output) and ``maxTime`` (seconds in all)."""
+        runner = self.runner
+        if self.io_deadline is not None and now >= self.io_deadline:
+            self.channel.update([("failure_reason", "timeout_without_output")], force=True)
+            self.kill(
+                f"command timed out: {runner.timeout} seconds without output "
+                f"running {runner.fake}"
+            )
+        if self.max_deadline is not None and now >= self.max_deadline:
+            self.channel.update([("failure_reason", "timeout")], force=True)
+            self.kill(f"command timed out: {runner.max_time} seconds elapsed running {runner.fake}")
+
+    def check_max_lines(self, newlines: int, limit: int) -> None:
+        """Count the lines of the read just made (its frame still held): over ``limit``, kill."""
+        runner = self.runner
+        runner.line_count += newlines
+        if runner.line_count > limit:
+            self.channel.update([("failure_reason", "max_lines_failure")], force=True)
+            self.kill(
+                f"command exceeds max lines: {runner.line_count}/{limit} "
+                f"written/allowed running {runner.fake}"
+            )
+
+    def kill(self, msg: str) -> None:
+        """Start the kill sequence: SIGTERM first if ``sigtermTime``, else the interrupt
+        signal at once (and stop reading: what is left of the output is dropped)."""
+        runner = self.runner
+        self.io_deadline = self.max_deadline = None
+        runner._header("\n" + msg + ", attempting to kill\n")
+        runner.killed = True
+        if runner.sigterm_time is not None:
+            runner._signal(signal.SIGTERM)
+            self.sigterm_deadline = time.monotonic() + runner.sigterm_time
+        else:
+            runner._signal(_signal_number(runner.interrupt_signal))
+            self.close_streams()
+            self.backup_deadline = time.monotonic() + BACKUP_TIMEOUT
+
+    def escalate(self, now: float) -> None:
+        """``sigtermTime`` over: the interrupt signal. :data:`BACKUP_TIMEOUT` after that, a
+        child still alive is given up on (fake rc -1, ``CommandError``)."""
+        runner = self.runner
+        if self.sigterm_deadline is not None and now >= self.sigterm_deadline:
+            self.sigterm_deadline = None
+            if self.proc.poll() is None:
+                runner._signal(_signal_number(runner.interrupt_signal))
+            self.close_streams()
+            self.backup_deadline = now + BACKUP_TIMEOUT
+        if self.backup_deadline is not None and now >= self.backup_deadline:
+            if self.proc.poll() is None:
+                name = "SIG" + runner.interrupt_signal
+                runner._header(f"{name} failed to kill process\n")
+                if runner.send_rc:
+                    runner._header("using fake rc=-1\n")
+                    self.channel.update([("rc", -1)], force=True)
+                raise CommandError(f"{name} failed to kill process")
+            self.backup_deadline = None
+            self.exited = True
+            self.close_streams()
+
+    # -- collect ---------------------------------------------------------------------------
+
+    def collect(self, now: float) -> None:
+        """RSS samples and logfile polls when due; logfile text restarts ``timeout`` too."""
+        if now >= self.sample_deadline:
+            self.runner._sample_rss()
+            self.sample_deadline = now + RSS_SAMPLE_INTERVAL
+        if self.poll_deadline is not None and now >= self.poll_deadline:
+            active = self.runner._poll_logfiles()
+            self.poll_deadline = now + LOGFILE_POLL_INTERVAL
+            if active:
+                self._restart_idle_timer(now)
+
+    def close(self) -> None:
+        """However the loop ended: no child left running, nothing left open."""
+        os.close(self.pidfd)
+        if self.proc.poll() is None:
+            self.runner._signal(signal.SIGKILL)
+        self.close_streams()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def finish(self, started: float) -> int:
+        """Reap the child, send the last logfile text, its rc and ``elapsedTime``; return rc."""
+        runner, proc, channel = self.runner, self.proc, self.channel
+        if proc.returncode is None:
+            # Reap it ourselves: wait4 also gives its peak RSS (and its waited-for children's).
+            try:
+                _, status, rusage = os.wait4(proc.pid, 0)
+            except ChildProcessError:
+                pass
+            else:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                channel.peak_rss = max(channel.peak_rss, rusage.ru_maxrss * 1024)
+        rc = proc.wait()
+        elapsed = time.time() - started
+        runner._poll_logfiles()
+        for w in runner.watchers:
+            w.stop()
+        sig = -rc if rc < 0 else None
+        if sig is not None or (runner.killed and rc == 0):
+            rc = -1
+        if runner.send_rc:
+            if sig is not None:
+                runner._header(f"process killed by signal {sig}\n")
+            channel.update([("rc", rc)], force=True)
+        runner._header(f"elapsedTime={elapsed:0.6f}\n")
+        return rc
 
 
 def _take_controlling_tty() -> None:
@@ -680,7 +770,7 @@ class ShellCommand(Command):
             send_rc=True,
             timeout=self.arg_number("timeout"),
             max_time=self.arg_number("maxTime"),
-            max_lines=self.arg_number("max_lines"),  # type: ignore[arg-type]
+            max_lines=self.arg_number("max_lines"),
             sigterm_time=self.arg_number("sigtermTime"),
             initial_stdin=self.arg_str("initial_stdin", allow_none=True),
             log_environ=self.arg_bool("logEnviron", True),

@@ -44,7 +44,7 @@ import sys
 import tarfile
 import tempfile
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from pyworker import frames, iocore, paths
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
@@ -122,7 +122,7 @@ class _Transfer(Command):
 class _Upload(_Transfer):
     """The write window shared by file and directory uploads."""
 
-    required_args = ("path", "blocksize", "maxsize")
+    required_args: ClassVar[tuple[str, ...]] = ("path", "blocksize", "maxsize")
 
     def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
         super().__init__(channel, request)
