@@ -964,6 +964,7 @@ class RealMaster:
         self,
         executable: str | Path,
         port_args: Callable[[int], Sequence[str]],
+        name: str | None = None,
         *,
         create_args: Sequence[str] = (),
         attempts: int = 5,
@@ -971,23 +972,29 @@ class RealMaster:
     ) -> tuple[WorkerProcess, int]:
         """Start a worker that listens on a port of its own, e.g. ``--metrics-port``; the port.
 
-        Unlike the master's, such a listener cannot bind port 0 and report what it got
-        (``--metrics-port`` must be 1-65535 and the worker logs the number it was given), so
-        the port is one the kernel has just handed out as free; when another process binds
-        it before the worker does, the worker exits with "Address already in use" and the
-        next attempt takes another port. ``port_args(port)`` gives the create-worker options.
+        Unlike the master's, such a listener cannot be given port 0 and report what it got
+        (pyworker's ``--metrics-port`` must be 1-65535), so the port is one the kernel has
+        just handed out as free; when another process binds it before the worker does, the
+        worker exits with "Address already in use" and the next attempt takes another port.
+        ``port_args(port)`` gives the create-worker options.
         """
+        name = name or self.worker_names[0]
+        console = self.workers_dir / f"{name}.console.log"  # WorkerProcess.console_log
         for attempt in range(1, attempts + 1):
             port = _port_free_now()
+            seen = console.stat().st_size if console.exists() else 0
             try:
                 w = self.start_worker(
-                    executable, create_args=[*create_args, *port_args(port)], **kwargs
+                    executable, name, create_args=[*create_args, *port_args(port)], **kwargs
                 )
             except HarnessError:
-                w = self.worker_procs[-1]
-                if attempt == attempts or "Address already in use" not in tail(w.console_log):
+                clash = False
+                if console.exists():
+                    with open(console, "rb") as f:
+                        f.seek(seen)
+                        clash = b"Address already in use" in f.read()
+                if attempt == attempts or not clash:
                     raise
-                w.stop()
                 continue
             return w, port
         raise AssertionError("unreachable")
