@@ -753,7 +753,10 @@ class RealMaster:
         return leftovers
 
     def restart(self, extra_config: str | None = None) -> None:
-        """Stop the master only (workers keep running) and start it again on the same ports."""
+        """Stop the master only (workers keep running) and start it again on the same ports.
+
+        Also for a master that was killed or died: it is started on its old ports.
+        """
         if self.proc is not None:
             _terminate(self.proc, 20)
         if extra_config is not None:
