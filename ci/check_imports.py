@@ -136,10 +136,11 @@ def check(root: Path) -> list[str]:
 
 def main() -> int:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent.parent / "pyworker")
-    problems = check(root.resolve())
+    root = root.resolve()  # module_name() needs the files' paths under the same root
+    problems = check(root)
     for problem in problems:
         print(problem)
-    count = len({module_name(root.resolve(), p) for p in root.rglob("*.py")})
+    count = len({module_name(root, p) for p in root.rglob("*.py")})
     print(f"check_imports: {count} modules, {len(problems)} problem(s)")
     return 1 if problems else 0
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The one test command: `bash ci/test.sh` (CI runs it through .ci/run).
 #
-# Stages: setup (ci/setup.sh) -> ruff -> pytest tests/ once per I/O backend
-# (PYWORKER_IO=c, PYWORKER_IO=python) -> Buildbot's interop suite against pyworker
-# (cases in ci/interop-cases.txt) -> bench/ in short mode. Every stage after setup runs
-# even if an earlier one failed; the exit code is non-zero if any stage failed.
+# Stages: setup (ci/setup.sh) -> ruff -> imports (ci/check_imports.py: no import cycle, no
+# import across the architecture's layers) -> mypy (pyworker/, config in pyproject.toml;
+# skipped with a NOTE while the worker venv has no mypy) -> pytest tests/ once per I/O
+# backend (PYWORKER_IO=c, PYWORKER_IO=python) -> Buildbot's interop suite against pyworker
+# (cases in ci/interop-cases.txt) -> wheel (ci/wheel-smoke.sh) -> sanitizers
+# (ci/sanitizers.sh) -> bench/ in short mode. Every stage after setup runs even if an
+# earlier one failed; the exit code is non-zero if any stage failed.
 # pytest's exit code 5 ("no tests collected") counts as success.
 set -uo pipefail
 
@@ -75,6 +78,22 @@ echo "PYWORKER=$PYWORKER"
 
 # ---- lint ---------------------------------------------------------------------------------
 run_stage ruff no "$WORKER_VENV/bin/ruff" check "$ROOT"
+
+# ---- import layering: no cycle, no import across the architecture's lines -------------------
+run_stage imports no "$WORKER_VENV/bin/python" "$ROOT/ci/check_imports.py"
+
+# ---- types --------------------------------------------------------------------------------------
+# From the repo root, so mypy reads [tool.mypy] in pyproject.toml.
+if [[ -x "$WORKER_VENV/bin/mypy" ]]; then
+    run_stage mypy no "$WORKER_VENV/bin/mypy" pyworker
+else
+    banner mypy
+    echo "NOTE: no $WORKER_VENV/bin/mypy (mypy comes with the test extras), so the mypy" \
+        "stage is skipped"
+    STAGES+=(mypy)
+    RESULTS+=("ok (skipped: no mypy)")
+    TIMES+=(0)
+fi
 
 # ---- unit + end-to-end tests, once per I/O backend ------------------------------------------
 # Run the installed package (not the source tree, which lacks the compiled extension):

@@ -1,8 +1,12 @@
 """End-to-end harness: a REAL Buildbot 4.3.0 master and REAL worker processes.
 
 The master runs as a subprocess from the master venv (``$BUILDBOT_MASTER_VENV``, made by
-``ci/setup.sh``): ``buildbot create-master`` + a generated ``master.cfg`` (sqlite db, PB on
-a free loopback port, the REST API on another), started with ``buildbot start --nodaemon``.
+``ci/setup.sh``): ``buildbot create-master`` + a generated ``master.cfg`` (sqlite db; PB and
+the REST API on loopback, msgpack if asked for), started with ``buildbot start --nodaemon``.
+Every listener binds port 0 and the master writes the ports the kernel chose to
+``<basedir>/ports.json`` once it listens (:data:`PORTS_SERVICE`); the harness reads them
+there. No port is picked, released and bound again later (on a loaded machine another
+process took such ports in between: "Address already in use").
 Workers are started exactly as Buildbot's own interop tests do (PROTOCOL.md §8.1)::
 
     <exe> create-worker -q <dir> 127.0.0.1:<port> <name> <password>
@@ -68,6 +72,81 @@ MSGPACK_PROTOCOL = "msgpack_experimental_v7"
 
 _TAIL_LINES = 60
 
+#: The file, in the master's basedir, that :data:`PORTS_SERVICE` writes the bound ports to.
+PORTS_FILE = "ports.json"
+
+#: master.cfg code (appended by :meth:`RealMaster.master_cfg`): a service that waits until
+#: the master listens on every port it was configured with (port 0: the kernel picks one)
+#: and then writes ``{"pb": n, "msgpack": n, "www": n}`` to :data:`PORTS_FILE` (atomically).
+#: The ports are read where Buildbot 4.3.0 keeps them (as ``buildbot.test.util.integration``
+#: does): each protocol manager's dispatcher (``master.pbmanager`` / ``master.msgmanager``
+#: ``.dispatchers[...].port.getHost().port``) and ``master.www.getPortnum()`` (only set up
+#: for a configured www port of exactly ``tcp:0:interface=127.0.0.1``). The dispatchers only
+#: appear when the workers register, after the service manager's reconfig, hence the poll.
+PORTS_SERVICE = """
+import json as _json
+import os as _os
+
+from twisted.internet import task as _task
+from twisted.python import log as _log
+from buildbot.util import service as _service
+
+
+class _ReportPorts(_service.BuildbotService):
+    '''Writes the ports the master listens on to a file, once it listens on all of them.'''
+
+    def checkConfig(self, path, wanted):
+        pass
+
+    def reconfigService(self, path, wanted):
+        self._path = path
+        self._wanted = wanted  # 'pb'/'msgpack'/'www' -> the port master.cfg gave (0: any)
+
+    def startService(self):
+        self._loop = None
+        d = super().startService()
+
+        def poll(_):
+            self._loop = _task.LoopingCall(self._poll)
+            self._loop.clock = self.master.reactor
+            self._loop.start(0.05).addErrback(_log.err, 'reporting the ports')
+
+        d.addCallback(poll)
+        return d
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def _bound(self):
+        found = {}
+        managers = {'pb': self.master.pbmanager, 'msgpack': self.master.msgmanager}
+        for key, wanted in self._wanted.items():
+            if key == 'www':
+                try:
+                    found[key] = self.master.www.getPortnum()
+                except AttributeError:  # not listening yet, or not asked for port 0
+                    if wanted and self.master.www.port_service is not None:
+                        found[key] = wanted
+                continue
+            for dispatcher in list(managers[key].dispatchers.values()):
+                if dispatcher.port is not None:
+                    found[key] = dispatcher.port.getHost().port
+        return found
+
+    def _poll(self):
+        found = self._bound()
+        if set(found) != set(self._wanted):
+            return
+        tmp = self._path + '.tmp'
+        with open(tmp, 'w') as f:
+            _json.dump(found, f)
+        _os.replace(tmp, self._path)
+        _log.msg(f'tests/realmaster.py: listening on {found}')
+        self._loop.stop()
+"""
+
 
 class HarnessError(AssertionError):
     """Something in the real master/worker set-up went wrong (the message has log tails)."""
@@ -77,8 +156,12 @@ class HarnessError(AssertionError):
 # small helpers
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+def _port_free_now() -> int:
+    """A loopback TCP port nobody listens on at this moment (it may be taken a moment later).
+
+    Only for listeners that cannot bind port 0 and report the port: see
+    :meth:`RealMaster.start_worker_with_port`, which retries when the port was taken.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -518,9 +601,12 @@ class RealMaster:
         self.extra_config = extra_config
         self.msgpack = msgpack
         self.startup_timeout = startup_timeout
+        #: the ports the running master listens on (read from its PORTS_FILE)
         self.pb_port = 0
         self.msgpack_port = 0
         self.www_port = 0
+        #: the ports master.cfg asks for: 0 (any) on a fresh start, the old ones on restart()
+        self._listen: dict[str, int] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_procs: list[WorkerProcess] = []
         self._builderids: dict[str, int] = {}
@@ -552,8 +638,19 @@ class RealMaster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def ports_file(self) -> Path:
+        return self.basedir / PORTS_FILE
+
     def start(self) -> None:
-        """Create the master directory, write master.cfg, start it and wait for the API."""
+        """Create the master directory, write master.cfg, start it and wait for the API.
+
+        Every listener binds port 0; the ports the kernel chose are in ``pb_port``,
+        ``msgpack_port`` and ``www_port`` once this returns.
+        """
+        self._start(keep_ports=False)
+
+    def _start(self, keep_ports: bool) -> None:
         enable_subreaper()
         self._baseline = {p.pid for p in descendants()}
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -570,11 +667,19 @@ class RealMaster:
                     f"buildbot create-master failed ({res.returncode}):\n"
                     f"{res.stdout.decode(errors='replace')}{res.stderr.decode(errors='replace')}"
                 )
-        # ports are kept across restart() so that running workers can reconnect
-        self.pb_port = self.pb_port or free_port()
-        self.www_port = self.www_port or free_port()
-        if self.msgpack:
-            self.msgpack_port = self.msgpack_port or free_port()
+        wanted = {"www": self.www_port}
+        if self.worker_names:  # no worker registered: no worker port is listened on
+            wanted["pb"] = self.pb_port
+            if self.msgpack:
+                wanted["msgpack"] = self.msgpack_port
+        # A fresh start binds port 0 everywhere. restart() keeps the ports, so that running
+        # workers (which know only the old address) can reconnect: re-binding the numbers the
+        # master has just released is a small window in which another process could take
+        # one, accepted for restart tests only (Twisted listens with SO_REUSEADDR, so the old
+        # connections in TIME_WAIT do not block it).
+        self._listen = wanted if keep_ports else {k: 0 for k in wanted}
+        self.pb_port = self.msgpack_port = self.www_port = 0
+        self.ports_file.unlink(missing_ok=True)
         (self.basedir / "master.cfg").write_text(self.master_cfg())
         start_at = self.twistd_log.stat().st_size if self.twistd_log.exists() else 0
         with open(self.console_log, "ab") as console:
@@ -594,10 +699,27 @@ class RealMaster:
                 raise HarnessError(f"the master did not start\n{self.logs()}")
             if self.proc is not None and self.proc.poll() is not None:
                 raise HarnessError(f"the master exited ({self.proc.returncode})\n{self.logs()}")
-            return "BuildMaster is running" in log or None
+            if "BuildMaster is running" not in log:
+                return None
+            return self._read_ports()
 
-        wait_for(started, self.startup_timeout, "the master to start", self.logs)
+        wait_for(started, self.startup_timeout, f"the master to start and write {PORTS_FILE}",
+                 self.logs)  # fmt: skip
         wait_for(self._api_ready, 30, "the master's REST API", self.logs)
+
+    def _read_ports(self) -> bool | None:
+        """Take the ports from the master's PORTS_FILE (None while it is not written yet)."""
+        try:
+            ports: dict[str, int] = json.loads(self.ports_file.read_text())
+        except FileNotFoundError:
+            return None
+        missing = set(self._listen) - set(ports)
+        if missing:
+            raise HarnessError(f"{self.ports_file} lacks {sorted(missing)}: {ports}")
+        self.pb_port = ports.get("pb", 0)
+        self.msgpack_port = ports.get("msgpack", 0)
+        self.www_port = ports["www"]
+        return True
 
     def _read_log_from(self, offset: int) -> str:
         try:
@@ -631,17 +753,25 @@ class RealMaster:
         return leftovers
 
     def restart(self, extra_config: str | None = None) -> None:
-        """Stop the master only (workers keep running) and start it again on the same ports."""
+        """Stop the master only (workers keep running) and start it again on the same ports.
+
+        Also for a master that was killed or died: it is started on its old ports.
+        """
         if self.proc is not None:
             _terminate(self.proc, 20)
         if extra_config is not None:
             self.extra_config = extra_config
         baseline = self._baseline
-        self.start()
+        self._start(keep_ports=True)
         self._baseline = baseline
 
     def reconfig(self, extra_config: str | None = None, timeout: float = 30) -> None:
-        """Rewrite master.cfg (same ports) and SIGHUP the master; wait for the reconfig."""
+        """Rewrite master.cfg and SIGHUP the master; wait for the reconfig.
+
+        master.cfg asks for the same ports as at start (0 after a fresh start): the master
+        then keeps its listeners (a changed port string would make it re-register each
+        worker on a new listener).
+        """
         assert self.proc is not None
         if extra_config is not None:
             self.extra_config = extra_config
@@ -661,12 +791,16 @@ class RealMaster:
 
     def master_cfg(self) -> str:
         workers = ", ".join(f"worker.Worker({n!r}, {self.password!r})" for n in self.worker_names)
-        protocols = f"'pb': {{'port': 'tcp:{self.pb_port}:interface=127.0.0.1'}}"
+        listen = self._listen
+        protocols = f"'pb': {{'port': 'tcp:{listen.get('pb', 0)}:interface=127.0.0.1'}}"
         if self.msgpack:
             protocols += (
                 f", 'msgpack_experimental_v7': "
-                f"{{'port': {self.msgpack_port}}}"  # 4.3.0 takes only an integer here
+                f"{{'port': {listen.get('msgpack', 0)}}}"  # 4.3.0 takes only an integer here
             )
+        ports_service = (
+            f"_ReportPorts({str(self.ports_file)!r}, {listen!r}, name='tests-report-ports')"
+        )
         anyprops = ", ".join(
             f"util.AnyPropertyParameter('prop{i}')" for i in range(MAX_FORCE_PROPERTIES)
         )
@@ -689,11 +823,13 @@ class RealMaster:
                 c = BuildmasterConfig = {{}}
                 c['title'] = 'pyworker tests'
                 c['titleURL'] = 'http://localhost/'
-                c['buildbotURL'] = 'http://127.0.0.1:{self.www_port}/'
+                # the www port is chosen by the kernel at start: nothing here uses this URL
+                # (the REST API compares it with an Origin header, which urllib never sends)
+                c['buildbotURL'] = 'http://127.0.0.1/'
                 c['buildbotNetUsageData'] = None
                 c['db'] = {{'db_url': 'sqlite:///state.sqlite'}}
                 c['protocols'] = {{{protocols}}}
-                c['www'] = {{'port': 'tcp:{self.www_port}:interface=127.0.0.1'}}
+                c['www'] = {{'port': 'tcp:{listen.get('www', 0)}:interface=127.0.0.1'}}
                 c['workers'] = [{workers}]
                 c['builders'] = []
                 c['schedulers'] = []
@@ -717,6 +853,9 @@ class RealMaster:
             )
             + "# ---- extra_config ----\n"
             + textwrap.dedent(self.extra_config)
+            + "\n# ---- the ports the master listens on, for tests/realmaster.py ----\n"
+            + PORTS_SERVICE
+            + f"c.setdefault('services', []).append({ports_service})\n"
             + "\n# ---- builders ----\n"
             + "\n".join(builder_lines)
             + "\n"
@@ -823,6 +962,45 @@ class RealMaster:
         if wait:
             self.wait_worker_connected(name, timeout=timeout)
         return w
+
+    def start_worker_with_port(
+        self,
+        executable: str | Path,
+        port_args: Callable[[int], Sequence[str]],
+        name: str | None = None,
+        *,
+        create_args: Sequence[str] = (),
+        attempts: int = 5,
+        **kwargs: Any,
+    ) -> tuple[WorkerProcess, int]:
+        """Start a worker that listens on a port of its own, e.g. ``--metrics-port``; the port.
+
+        Unlike the master's, such a listener cannot be given port 0 and report what it got
+        (pyworker's ``--metrics-port`` must be 1-65535), so the port is one the kernel has
+        just handed out as free; when another process binds it before the worker does, the
+        worker exits with "Address already in use" and the next attempt takes another port.
+        ``port_args(port)`` gives the create-worker options.
+        """
+        name = name or self.worker_names[0]
+        console = self.workers_dir / f"{name}.console.log"  # WorkerProcess.console_log
+        for attempt in range(1, attempts + 1):
+            port = _port_free_now()
+            seen = console.stat().st_size if console.exists() else 0
+            try:
+                w = self.start_worker(
+                    executable, name, create_args=[*create_args, *port_args(port)], **kwargs
+                )
+            except HarnessError:
+                clash = False
+                if console.exists():
+                    with open(console, "rb") as f:
+                        f.seek(seen)
+                        clash = b"Address already in use" in f.read()
+                if attempt == attempts or not clash:
+                    raise
+                continue
+            return w, port
+        raise AssertionError("unreachable")
 
     def worker_info(self, name: str) -> dict[str, Any]:
         workers = self.get("workers", name=name)["workers"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from executor_driver import ExecutorDriver
+from realmaster import wait_for_process
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def test_sigterm_time_lets_the_process_clean_up(ex: ExecutorDriver, tmp_path: Pa
 def test_interrupt(ex: ExecutorDriver, tmp_path: Path) -> None:
     ex.start("shell", {"workdir": str(tmp_path), "command": ["sleep", "100"],
                        "logEnviron": False})
-    time.sleep(0.5)
+    wait_for_process("sleep 100", timeout=30)  # interrupt the running command, not its start
     ex.interrupt("stop it")
     from executor_driver import Result
 
@@ -190,7 +191,10 @@ def test_no_descendant_survives_a_timeout(ex: ExecutorDriver, tmp_path: Path, ho
     pidfile = tmp_path / "pid"
     spawn = {
         "group": f"sleep 300 & echo $! > {pidfile}; wait",
-        "setsid": f"setsid sleep 300 & sleep 0.3; pgrep -n -f 'sleep 300' > {pidfile}; wait",
+        # the new session's process writes its own pid (pgrep would see every 'sleep 300'
+        # on the machine, other test runs' too; and a fixed sleep may be too short)
+        "setsid": f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 300' &"
+                  f" while [ ! -s {pidfile} ]; do sleep 0.05; done; wait",
         "double-fork": f"(sleep 300 & echo $! > {pidfile}) ; sleep 300",
     }[how]
     r = shell(ex, tmp_path, ["bash", "-c", spawn], timeout=2, logEnviron=False)

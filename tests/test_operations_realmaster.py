@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 from conftest import MasterFactory
-from realmaster import BuildResult, RealMaster, free_port, wait_for, wait_for_process
+from realmaster import BuildResult, RealMaster, wait_for, wait_for_process
 
 SHORT = "[steps.ShellCommand(command=['sleep', '3'])]"
 LONG = "[steps.ShellCommand(command=['sleep', '301'])]"
@@ -84,8 +84,10 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) -> None:
     master = make_master({"quick": QUICK})
-    port = free_port()
-    worker = master.start_worker(pyworker_executable, create_args=["--metrics-port", str(port)])
+    # the worker's own listener: a port free now, another one if it is taken before the bind
+    worker, port = master.start_worker_with_port(
+        pyworker_executable, lambda port: ["--metrics-port", str(port)]
+    )
     base = f"http://127.0.0.1:{port}"
     # the master lists the worker a moment before the worker's login call returns
     wait_for(lambda: _get(base + "/healthz") == (200, "ok\n"), 10, "/healthz to say ok")

@@ -200,6 +200,10 @@ def test_reconfig_and_restart_keep_the_worker(
         {"b": "[steps.ShellCommand(command=['echo', util.Interpolate('%(secret:s)s')])]"},
         extra_config=secrets("first"),
     )
+    # a fresh master binds port 0 and reports what the kernel chose (no pick-and-release)
+    assert "'port': 'tcp:0:interface=127.0.0.1'" in (m.basedir / "master.cfg").read_text()
+    ports = (m.pb_port, m.www_port)
+    assert 0 not in ports and m.ports_file.exists()
     m.start_worker(reference_worker)
     assert "ofirst" not in m.force_build("b").step("shell").logs["stdio"]
     m.reconfig(secrets("second"))
@@ -207,6 +211,7 @@ def test_reconfig_and_restart_keep_the_worker(
     stdio = m.force_build("b").step("shell").logs["stdio"]
     assert "o<s>\n" in stdio and "second" not in stdio
     m.restart()  # the worker notices the lost connection and reconnects by itself
+    assert (m.pb_port, m.www_port) == ports  # as reported by the restarted master
     m.wait_worker_connected("w1", timeout=60)
     build = m.force_build("b")
     assert (build.number, build.result) == (3, "SUCCESS"), build.describe()
