@@ -47,6 +47,29 @@ PB_REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The master object each transfer calls, by command name (both spellings of each).
+PB_REFERENCES: dict[str, str] = {
+    "uploadFile": "writer", "upload_file": "writer",
+    "uploadDirectory": "writer", "upload_directory": "writer",
+    "downloadFile": "reader", "download_file": "reader",
+}
+
+
+def check_pb_references(command: str, args: dict[str, Any]) -> None:
+    """Refuse a transfer whose ``writer``/``reader`` is not a master object we can call.
+
+    A master with a bug may send a string, a number or a list there; the command would
+    fail only at its first call, so it is refused before it starts, with a readable reason.
+    """
+    key = PB_REFERENCES.get(command)
+    if key is None:
+        return
+    ref = args.get(key)
+    if not isinstance(ref, pb.RemoteReference):
+        raise CommandRefused(f"{command}: argument '{key}' must be a remote reference to the "
+                             f"master's {key}, not {type(ref).__name__} {ref!r:.60}")
+
+
 def translate_pb_args(command: str, args: dict[str, Any], builder_dir: str) -> dict[str, Any]:
     """The command's arguments with the master's relative paths joined onto ``builder_dir``.
 
@@ -114,6 +137,9 @@ class PBMasterSide:
         ref = self.refs.get(target)
         if ref is None:
             return defer.fail(RuntimeError(f"this command has no {target}"))
+        if not isinstance(ref, pb.RemoteReference):
+            return defer.fail(TypeError(
+                f"this command's {target} is not a remote reference: {type(ref).__name__}"))
         d: defer.Deferred[Any] = ref.callRemote(method, *args)
         return d
 
@@ -164,6 +190,7 @@ class WorkerForBuilder(pb.Referenceable):
             refs = {k: args[k] for k in ("writer", "reader") if k in args}
             if isinstance(command, str) and command in core_mod.WORKER_COMMANDS:
                 plain = translate_pb_args(command, args, self.builder.path)
+                check_pb_references(command, args)
         master = PBMasterSide(command_ref, refs)
         try:
             session = self.core.start_command(master, self.builder.name, str(command_id),

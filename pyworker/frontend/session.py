@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import marshal
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -209,7 +210,7 @@ class CommandSession:
         if self.pending_bytes < LOW_WATER and self.executor is not None:
             self.executor.resume()
         self.in_flight += 1
-        d = self.master.send_updates(batch)
+        d = _guarded(self.master.send_updates, batch)
         d.addErrback(self._update_failed)
         d.addBoth(self._update_done)
 
@@ -235,7 +236,7 @@ class CommandSession:
         if not self.silenced:
             while self.pending:
                 self._send_batch()
-            d = self.master.complete(failure)
+            d = _guarded(self.master.complete, failure)
             d.addErrback(lambda f: log.warn("complete for command {id} failed: {f}",
                                             id=self.command_id, f=f.getErrorMessage()))
         if self.on_done is not None:
@@ -251,7 +252,7 @@ class CommandSession:
         if self.silenced:
             self._answer(frames.RESULT, (False, "the connection to the master was lost"))
             return
-        d = self.master.call(target, method, args)
+        d = _guarded(self.master.call, target, method, args)
         d.addCallbacks(
             lambda value: self._answer(frames.RESULT, (True, _plain(value))),
             lambda f: self._answer(frames.RESULT, (False, _failure_text(f))),
@@ -272,7 +273,7 @@ class CommandSession:
             STATS.bytes["upload"] += n
             self._answer(frames.ACK, (n, None))
 
-        d = self.master.call("writer", "write", (data,))
+        d = _guarded(self.master.call, "writer", "write", (data,))
         d.addCallbacks(written, failed)
 
     def _relay_read(self, length: int) -> None:
@@ -288,8 +289,18 @@ class CommandSession:
             STATS.bytes["download"] += len(data or b"")
             self.executor.send(frames.frame(frames.DATA, data or b""))
 
-        d = self.master.call("reader", "read", (length,))
+        d = _guarded(self.master.call, "reader", "read", (length,))
         d.addCallbacks(got, lambda f: self._answer(frames.RESULT, (False, _failure_text(f))))
+
+
+def _guarded(call: Callable[..., defer.Deferred[Any]], *args: Any) -> defer.Deferred[Any]:
+    """``call(*args)``, with what it raises at once (a stale PB broker, a master object that
+    cannot be called) turned into a failed Deferred: every executor request gets its answer
+    and every session its end, whatever the master side does."""
+    try:
+        return call(*args)
+    except Exception:
+        return defer.fail(Failure())
 
 
 def _failure_text(f: Failure) -> str:
