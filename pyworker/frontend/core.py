@@ -251,11 +251,12 @@ class WorkerCore:
             raise CommandRefused(f"{name}: args must be a dictionary, not {type(args).__name__}")
         plain = {k: v for k, v in args.items() if k not in commandset.REFERENCE_ARGS}
         key = (builder, command_id)
-        old = self.sessions.pop(key, None)
-        if old is not None:
-            log.info("(command {id}): id reused while running: dropping the old one",
-                     id=command_id)
-            old.silence()
+        if key in self.sessions:
+            # The running one goes on to its own 'complete', which the master waits for.
+            # (The reference interrupts it and starts the new one: the master never asked
+            # for that interrupt.)
+            raise CommandRefused(f"{name}: command id {command_id} is already running"
+                                 + (f" on builder {builder}" if builder is not None else ""))
         request = {
             "name": name,
             "args": plain,
