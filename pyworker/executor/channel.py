@@ -33,6 +33,10 @@ class CommandError(Exception):
     """A command failed in a way the master must see as a failed step (``complete(failure)``)."""
 
 
+class Interrupted(CommandError):
+    """An interrupt ended a wait for the master's answer: the answer is abandoned."""
+
+
 class Channel:
     """The executor's end of the pipe pair, plus the per-command output state.
 
@@ -53,6 +57,9 @@ class Channel:
         #: straight to our event pipe.
         self._pumps: dict[str, StreamPumpAPI] = {}
         self.interrupt_reason: str | None = None
+        #: An answer was abandoned after an interrupt: later answers cannot be matched to
+        #: their requests, so no wait of this command takes one any more.
+        self.abandoned = False
         #: Set by :meth:`interrupted_hook` owners: called when an ``INTERRUPT`` arrives.
         self.on_interrupt: Any = None
         #: After an interrupt, status updates are suppressed except the shell runner's.
@@ -141,10 +148,14 @@ class Channel:
         if not data:
             raise FrontEndGone.now()
         for item in self._decoder.feed(data):
-            if item[0] == frames.INTERRUPT:
+            if item[0] == frames.INTERRUPT and not self._start_queued():
                 self._interrupt(marshal.loads(item[2]))
             else:
+                # an INTERRUPT behind a START is for that new command: :meth:`reset` applies it
                 self._inbox.append(item)
+
+    def _start_queued(self) -> bool:
+        return any(kind == frames.START for kind, _, _ in self._inbox)
 
     def _interrupt(self, reason: str) -> None:
         if self.interrupt_reason is None:
@@ -162,27 +173,48 @@ class Channel:
     def has_frame(self) -> bool:
         return bool(self._inbox)
 
+    def next_answer(self, waiting_for: str) -> tuple[int, int, bytes]:
+        """The front end's next answer to one of the command's requests.
+
+        Once the command is interrupted only an answer already received is taken: a wait
+        never outlasts an interrupt (the master may never answer), and raises
+        :class:`Interrupted`. Its answer, when it comes, is left for the executor's idle
+        loop to drop: nothing in this command waits for an answer any more.
+        """
+        while not self._inbox or self.abandoned:
+            if self.interrupt_reason is not None:
+                self.abandoned = True
+                raise Interrupted(f"interrupted while waiting for {waiting_for}")
+            self.fill()
+        return self._inbox.popleft()
+
     def call(self, target: str, method: str, *args: Any) -> Any:
         """Call ``method`` on the master's ``target`` reference; wait for and return its result.
 
-        Raises :class:`CommandError` with the master's message if the call failed.
+        Raises :class:`CommandError` with the master's message if the call failed, and
+        :class:`Interrupted` if an interrupt ended the wait.
         """
         self.write(frames.value_frame(frames.CALL, (target, method, args)))
-        while True:
-            kind, _, payload = self.next_frame()
-            if kind == frames.RESULT:
-                ok, value = frames.load(payload)
-                if not ok:
-                    raise CommandError(value)
-                return value
-            raise frames.WireError(f"unexpected frame kind {kind} while waiting for a result")
+        kind, _, payload = self.next_answer(f"{target}.{method}()")
+        if kind == frames.RESULT:
+            ok, value = frames.load(payload)
+            if not ok:
+                raise CommandError(value)
+            return value
+        raise frames.WireError(f"unexpected frame kind {kind} while waiting for a result")
 
     def reset(self) -> None:
+        """Forget the last command's state, as a new ``START`` has just been taken: what came
+        with it is kept only if it is an ``INTERRUPT`` of the new command."""
+        queued = [payload for kind, _, payload in self._inbox if kind == frames.INTERRUPT]
         self._inbox.clear()
         self._splitters.clear()
         for pump in self._pumps.values():
             pump.close()
         self._pumps.clear()
         self.interrupt_reason = None
+        self.abandoned = False
         self.on_interrupt = None
         self.running = True
+        for payload in queued:
+            self._interrupt(marshal.loads(payload))

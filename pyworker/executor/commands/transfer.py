@@ -14,7 +14,9 @@ string limit, whatever ``blocksize`` the master configured; larger blocks cost t
 more, as its PB decoder copies a partly received string once per network read) and never
 reach past ``maxsize``, so at most ``window`` bytes of a transfer are ever held in memory.
 At the first error from the master no new call is issued; the calls in flight are answered,
-then the failure is reported. An interrupt stops issuing at once; the closing calls are still made.
+then the failure is reported. An interrupt stops issuing at once; the closing calls are still made,
+but from then on no answer of the master is waited for (it may never come): an interrupted
+transfer always completes.
 
 Directory uploads stream the tar archive as :class:`pyworker.iocore.TarStream` produces it
 instead of building it in a temporary file first; ``gz`` and ``bz2`` are compressed here by
@@ -48,7 +50,7 @@ from typing import Any, ClassVar
 
 from pyworker import frames, iocore, paths
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
-from pyworker.executor.channel import Channel, CommandError
+from pyworker.executor.channel import Channel, CommandError, Interrupted
 from pyworker.executor.commands.base import Command
 from pyworker.executor.compress import ChunkedCompressor, default_threads
 from pyworker.iocore import _python as python_iocore
@@ -146,7 +148,7 @@ class _Upload(_Transfer):
             self.remaining -= n
 
     def _ack(self) -> None:
-        kind, _, payload = self.channel.next_frame()
+        kind, _, payload = self.channel.next_answer("an ACK")
         if kind != frames.ACK:
             raise frames.WireError(f"unexpected frame kind {kind} while waiting for an ACK")
         n, error = frames.load(payload)
@@ -158,15 +160,21 @@ class _Upload(_Transfer):
     def make_room(self, n: int) -> bool:
         """Wait until ``n`` more bytes fit in the window; False if we must stop sending."""
         self.absorb_available()
-        while self.channel.has_frame() and self.frames:
-            self._ack()
-        while self.frames and self.in_flight + n > self.window and self.write_error is None:
-            self._ack()
+        try:
+            while self.channel.has_frame() and self.frames:
+                self._ack()
+            while self.frames and self.in_flight + n > self.window and self.write_error is None:
+                self._ack()
+        except Interrupted:
+            return False
         return self.write_error is None and not self.interrupted
 
     def drain(self) -> None:
-        while self.frames:
-            self._ack()
+        try:
+            while self.frames:
+                self._ack()
+        except Interrupted:  # the writes in flight are abandoned
+            self.frames = self.in_flight = 0
 
 
 class UploadFile(_Upload):
@@ -210,6 +218,8 @@ class UploadFile(_Upload):
                 self.channel.call("writer", "close")
                 if keepstamp and times is not None:
                     self.channel.call("writer", "utime", times)
+            except Interrupted:
+                self.rc = 1
             except CommandError as e:
                 self.failure = str(e)
         else:
@@ -280,6 +290,8 @@ class UploadDirectory(_Upload):
         if self.failure is None and complete:
             try:
                 self.channel.call("writer", "unpack")
+            except Interrupted:
+                self.rc = 1
             except CommandError as e:
                 self.rc = 1
                 self.failure = str(e)
@@ -379,7 +391,10 @@ class DownloadFile(_Transfer):
                 asked += n
             if not pending:
                 break
-            kind, _, payload = self.channel.next_frame()
+            try:
+                kind, _, payload = self.channel.next_answer("DATA")
+            except Interrupted:  # the reads in flight are abandoned
+                break
             asked -= pending.popleft()
             if kind == frames.DATA:
                 if not payload:
