@@ -12,12 +12,22 @@ ignored by the worker is not ignored by the commands.)
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realmaster import Builder, RealMaster, WorkerProcess, master_fixture
+from realmaster import (
+    Builder,
+    RealMaster,
+    WorkerProcess,
+    descendants,
+    kill_processes,
+    leftover_processes,
+    master_fixture,
+)
 
 PROBE = Path(__file__).with_name("inherit_probe.py")
 WHO = ("ref", "py", "ref-nohup", "py-nohup")
@@ -48,10 +58,16 @@ def _builders() -> dict[str, Builder]:
             out[f"probe-{tty}-{who}"] = Builder(PROBE_STEPS.format(pty=pty), workers=[who])
             out[f"trap-{tty}-{who}"] = Builder(
                 TRAP_STEPS.format(pty=pty, hup="trap '' HUP; " if pty else ""), workers=[who])
+
+
+    out["sleeper-py-int"] = Builder(
+        "[steps.ShellCommand(command='echo ready; sleep 300', usePTY=False),"
+        " steps.ShellCommand(command='echo ready; sleep 300', usePTY=True)]",
+        workers=["py-int"])
     return out
 
 
-master = master_fixture(_builders(), workers=WHO)
+master = master_fixture(_builders(), workers=(*WHO, "py-int"))
 
 
 def _hup_ignoring(executable: str, directory: Path) -> str:
@@ -136,3 +152,21 @@ def test_interrupt_with_sigint_runs_the_scripts_trap(
     assert "failed to kill" not in stdio, stdio
     trapped = workers[who].basedir / builder / "build" / "trapped"
     assert trapped.read_text() == "cleaned\n"
+
+
+def test_ctrl_c_in_the_workers_terminal_stops_everything(
+    master: RealMaster, workers: dict[str, WorkerProcess], pyworker_executable: str
+) -> None:
+    """``pyworker start --nodaemon`` and ^C: the terminal signals the foreground process group
+    (the front end and its executors; commands have groups of their own). The front end stops
+    at once and nothing it started survives, whatever the executors do with the signal."""
+    baseline = {p.pid for p in descendants()}
+    worker = master.start_worker(pyworker_executable, "py-int")
+    request = master.request_build("sleeper-py-int")
+    buildid = master.wait_build_started(request)
+    master.wait_for_log(buildid, "shell", "stdio", "ready")
+    os.killpg(worker.pid, signal.SIGINT)  # the harness made the worker a group leader
+    worker.wait(30)
+    leftovers = leftover_processes(baseline)
+    kill_processes(leftovers)
+    assert leftovers == [], f"left behind: {[str(p) for p in leftovers]}"
