@@ -24,7 +24,13 @@ from typing import Any
 
 from pyworker import frames, paths
 from pyworker.executor.channel import Channel, CommandError, FrontEndGone
-from pyworker.executor.process import kill_descendants, on_sigterm, set_process_options
+from pyworker.executor.process import (
+    kill_descendants,
+    on_sigterm,
+    reset_signal_dispositions,
+    set_process_options,
+    shield_from_terminal_interrupt,
+)
 
 
 def run_one(channel: Channel, request: dict[str, Any]) -> None:
@@ -79,8 +85,9 @@ def main() -> int:
     import pyworker.iocore  # noqa: F401
 
     os.environ.pop("PYWORKER_IO", None)
+    reset_signal_dispositions()
     signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C in the worker's terminal is not ours
+    shield_from_terminal_interrupt()
     if os.getppid() == 1:
         return 1
     # Our stdout is the event pipe: nothing else may write to it.

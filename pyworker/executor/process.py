@@ -21,6 +21,84 @@ def set_process_options() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+def reset_signal_dispositions() -> None:
+    """Give the commands the signal dispositions the reference worker gives its commands: none
+    ignored. Called once at start-up, before anything of ours is installed.
+
+    The reference starts commands with Twisted's ``spawnProcess``, which resets every ignored
+    signal to its default (``posix_spawn`` with ``setsigdef``): a worker started with SIGHUP
+    ignored (``nohup``) or SIGINT ignored (``cmd &`` in a script) still gives its commands
+    the default. Our commands are started by this executor with ``subprocess``, which only
+    restores SIGPIPE and SIGXFSZ (Python's own), and ignored stays ignored across fork and
+    exec; we are started by the front end through Twisted's *fork* path, which resets the
+    signals Python knows but leaves glibc's reserved ones (32 and 33) ignored. So: read the
+    kernel's set (``SigIgn``), and set each back to default here, once, instead of a
+    ``preexec_fn`` in every spawn (which would cost ``subprocess`` its vfork fast path). The
+    signal mask needs nothing: nothing of pyworker blocks a signal.
+    """
+    for signum in _ignored_signals():
+        if signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            continue  # Python's own; subprocess restores them in the child
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):  # reserved by the C library: only the system call can
+            _set_default_disposition(signum)
+
+
+def _ignored_signals() -> list[int]:
+    try:
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 16) for line in status
+                        if line.startswith("SigIgn:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return []
+    return [bit + 1 for bit in range(64) if mask >> bit & 1]
+
+
+#: ``rt_sigaction`` by machine (the generic number is 134)
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "riscv64": 134}
+
+
+def _set_default_disposition(signum: int) -> None:
+    """``rt_sigaction(signum, SIG_DFL)`` directly, as CPython's ``_posixsubprocess`` does for
+    the signals the C library will not let ``sigaction`` touch. All zeros is SIG_DFL, no
+    flags, an empty mask, whatever the kernel's layout of ``struct sigaction``."""
+    import ctypes
+    import platform
+
+    number = _SYS_RT_SIGACTION.get(platform.machine())
+    if number is None:
+        return
+    action = (ctypes.c_ulong * 4)()
+    ctypes.CDLL(None, use_errno=True).syscall(number, signum, ctypes.byref(action), None, 8)
+
+
+def shield_from_terminal_interrupt() -> None:
+    """Let a ^C in the worker's terminal pass this executor by, without changing what the
+    commands we start inherit.
+
+    Under ``pyworker start --nodaemon`` the executors share the front end's process group, so
+    the terminal's SIGINT reaches them too; the front end handles it (stops at once, and
+    stopping kills the executors, which kill their commands), so an executor must not die of
+    it first. Commands run in their own process group or session and never get that SIGINT.
+
+    The obvious ``SIG_IGN`` is wrong: an ignored signal stays ignored across fork and exec, so
+    every command would start with SIGINT ignored (``trap ... INT`` and ``KeyboardInterrupt``
+    dead, ``interruptSignal='INT'`` unable to stop a step). A caught signal is reset to its
+    default by exec, so a do-nothing handler keeps the executor alive and leaves the commands
+    the default, with no ``preexec_fn`` in the spawn path. Leaving the terminal's foreground
+    process group instead would also work, but would take the executors out of the group an
+    operator (or a harness) kills as a whole. ``SA_RESTART``: system calls the signal lands
+    in are resumed, not failed with EINTR.
+    """
+    signal.signal(signal.SIGINT, _terminal_interrupt)
+    signal.siginterrupt(signal.SIGINT, False)
+
+
+def _terminal_interrupt(signum: int, frame: object) -> None:
+    """The front end stops on this SIGINT and stops us with it; nothing to do here."""
+
+
 def on_sigterm(signum: int, frame: object) -> None:
     raise FrontEndGone.now()
 
