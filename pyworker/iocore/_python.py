@@ -254,12 +254,6 @@ class TarStream:
         info = self._tarinfo(path, arcname, st)
         if info is None:
             return None  # socket: tarfile skips it
-        fd: int | None = None
-        if info.type == tarfile.REGTYPE and info.size > 0:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1  # vanished since lstat: zeros
         header = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, "surrogateescape")
         listing: list[str] | None = None
         if info.type == tarfile.DIRTYPE:
@@ -269,6 +263,12 @@ class TarStream:
                 if is_root:
                     raise
                 listing = []
+        fd: int | None = None
+        if info.type == tarfile.REGTYPE and info.size > 0:  # last: nothing after it can fail
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # vanished since lstat: zeros
         size = info.size if info.type == tarfile.REGTYPE else 0
         return header, fd, size, listing
 
