@@ -11,6 +11,7 @@ import marshal
 import os
 import random
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,71 @@ def test_download_refused_outside_leaks_nothing(ex: ExecutorDriver, root: Path) 
         ex, root, True, "downloadFile", download(root / ".." / "outside"), FakeMaster(DATA)))
     assert r.failure is not None and "restrict_paths" in r.failure
     assert (root.parent / "outside").read_text() == "secret"
+
+
+@pytest.fixture
+def read_only(root: Path) -> Iterator[Callable[[Path], None]]:
+    """Make a file or directory unwritable (as root, which writes through modes: immutable)."""
+    made: list[Path] = []
+
+    def make(p: Path) -> None:
+        if os.geteuid() == 0:
+            if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode:
+                pytest.skip("cannot make a file immutable here (chattr +i)")
+        else:
+            os.chmod(p, 0o555 if p.is_dir() else 0o444)
+        made.append(p)
+
+    yield make
+    for p in reversed(made):
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(p)], check=True)
+        else:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def test_download_into_an_unwritable_directory(ex: ExecutorDriver, root: Path, restrict: bool,
+                                               read_only: Callable[[Path], None]) -> None:
+    ro = root / "b" / "ro"
+    ro.mkdir()
+    (ro / "writable").write_bytes(b"old")
+    (ro / "locked").write_bytes(b"old")
+    read_only(ro / "locked")
+    read_only(ro)
+    for where in ("new", "locked", "sub/new"):
+        r = no_leak(ex, root, lambda where=where: transfer(
+            ex, root, restrict, "downloadFile", download(ro / where, 0o644), FakeMaster(DATA)))
+        assert r.rc == 1 and "Cannot open file" in r.text("stderr"), (where, r.updates)
+    assert (ro / "locked").read_bytes() == b"old"
+    # a writable file in it is written in place, as the reference's open(path, 'wb')
+    r = no_leak(ex, root, lambda: transfer(ex, root, restrict, "downloadFile",
+                                           download(ro / "writable"), FakeMaster(DATA)))
+    assert r.rc == 0 and r.failure is None, r.updates
+    assert (ro / "writable").read_bytes() == DATA
+    # and when the reader fails mid-way, what was written stays (the reference's too)
+    r = no_leak(ex, root, lambda: transfer(
+        ex, root, restrict, "downloadFile", download(ro / "writable"),
+        FakeMaster(DATA[::-1], fail_read_after=2 * 4096)))
+    assert r.failure is not None and "read failed" in r.failure, r.updates
+
+
+def test_fs_commands_in_an_unwritable_directory(ex: ExecutorDriver, root: Path, restrict: bool,
+                                                read_only: Callable[[Path], None]) -> None:
+    ro = root / "b" / "ro"
+    (ro / "t" / "u").mkdir(parents=True)
+    (ro / "t" / "u" / "f").write_text("x")
+    (ro / "f").write_text("x")
+    read_only(ro / "t" / "u")
+    read_only(ro)
+    for name, args in [("rmdir", {"paths": [str(ro / "t")]}),
+                       ("rmfile", {"path": str(ro / "f")}),
+                       ("mkdir", {"paths": [str(ro / "new")]}),
+                       ("cpdir", {"from_path": str(root / "b" / "dir"),
+                                  "to_path": str(ro / "copy")})]:
+        r = no_leak(ex, root, lambda name=name, args=args: command(
+            ex, root, restrict, name, {**args, "logEnviron": False}))
+        assert r.rc not in (0, None) or r.failure is not None, (name, r.updates)
+    assert (ro / "t" / "u" / "f").read_text() == "x" and (ro / "f").read_text() == "x"
 
 
 # ---- uploadFile / uploadDirectory ----------------------------------------------------------
