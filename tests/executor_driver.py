@@ -75,6 +75,17 @@ class ExecutorDriver:
         self.start(name, args, **kw)
         return Result(list(self.frames(timeout)))
 
+    def open_fds(self) -> list[str]:
+        """What the executor process has open (``/proc/<pid>/fd`` link targets, sorted)."""
+        base = f"/proc/{self.proc.pid}/fd"
+        found = []
+        for entry in os.listdir(base):
+            try:
+                found.append(os.readlink(f"{base}/{entry}"))
+            except FileNotFoundError:
+                pass  # closed while we listed
+        return sorted(found)
+
     def close(self) -> None:
         if self.proc.stdin:
             self.proc.stdin.close()
@@ -120,3 +131,60 @@ class Result:
 
     def keys(self) -> list[str]:
         return [k for k, _ in self.updates]
+
+
+class FakeMaster:
+    """The master's side of a transfer as the front end relays it (``pyworker.frontend.session``).
+
+    ``data`` is what the master's reader returns; ``fail_read_after``: the reader fails
+    (``RESULT (False, ...)``) once that many bytes were read; ``fail_write_after``: the
+    writer fails once that many bytes were written; ``failing_calls``: methods (``close``,
+    ``utime``, ``unpack``) that fail; ``interrupt_after``: an ``INTERRUPT`` is sent once that
+    many ``WRITE``/``READ`` frames were answered.
+    """
+
+    def __init__(self, data: bytes = b"", *, fail_read_after: int | None = None,
+                 fail_write_after: int | None = None, failing_calls: tuple[str, ...] = (),
+                 interrupt_after: int | None = None) -> None:
+        self.data = data
+        self.read_pos = 0
+        self.fail_read_after = fail_read_after
+        self.fail_write_after = fail_write_after
+        self.failing_calls = failing_calls
+        self.interrupt_after = interrupt_after
+        self.written = bytearray()
+        self.calls: list[tuple[str, str, tuple[Any, ...]]] = []
+        self.blocks = 0
+
+    def answer(self, item: tuple[int, int, bytes]) -> list[bytes | None]:
+        """The frames to send back for ``item`` (None: send ``INTERRUPT`` first)."""
+        kind, _, payload = item
+        replies: list[bytes | None] = []
+        if kind == wire.CALL:
+            target, method, args = marshal.loads(payload)
+            self.calls.append((target, method, tuple(args)))
+            if method in self.failing_calls:
+                replies.append(wire.value_frame(wire.RESULT, (False, f"{method} failed")))
+            else:
+                replies.append(wire.value_frame(wire.RESULT, (True, None)))
+        elif kind == wire.WRITE:
+            self.blocks += 1
+            if self.fail_write_after is not None and len(self.written) >= self.fail_write_after:
+                replies.append(wire.value_frame(wire.ACK, (len(payload), "write failed")))
+            else:
+                self.written += payload
+                replies.append(wire.value_frame(wire.ACK, (len(payload), None)))
+        elif kind == wire.READ:
+            self.blocks += 1
+            n = marshal.loads(payload)
+            if self.fail_read_after is not None and self.read_pos >= self.fail_read_after:
+                replies.append(wire.value_frame(wire.RESULT, (False, "read failed")))
+            else:
+                block = self.data[self.read_pos:self.read_pos + n]
+                self.read_pos += len(block)
+                replies.append(wire.frame(wire.DATA, block))
+        else:
+            return replies
+        if self.interrupt_after is not None and self.blocks == self.interrupt_after:
+            replies.insert(0, None)
+        return replies

@@ -193,6 +193,9 @@ class TarStream:
             self._bobj = bz2.BZ2Compressor(level)
         # the root entry (and its listing) now, so unreadable roots raise here
         first = self._entry(root, "", is_root=True)
+        #: The root entry until the generator starts (its fd is closed by :meth:`close`
+        #: if the archive is never read).
+        self._first = first
         self._gen: Generator[bytes, None, None] | None = self._generate(first)
 
     # -- archive generation --------------------------------------------
@@ -251,12 +254,6 @@ class TarStream:
         info = self._tarinfo(path, arcname, st)
         if info is None:
             return None  # socket: tarfile skips it
-        fd: int | None = None
-        if info.type == tarfile.REGTYPE and info.size > 0:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1  # vanished since lstat: zeros
         header = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, "surrogateescape")
         listing: list[str] | None = None
         if info.type == tarfile.DIRTYPE:
@@ -266,6 +263,12 @@ class TarStream:
                 if is_root:
                     raise
                 listing = []
+        fd: int | None = None
+        if info.type == tarfile.REGTYPE and info.size > 0:  # last: nothing after it can fail
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # vanished since lstat: zeros
         size = info.size if info.type == tarfile.REGTYPE else 0
         return header, fd, size, listing
 
@@ -292,6 +295,7 @@ class TarStream:
 
     def _generate(self, first: tuple[bytes, int | None, int, list[str] | None] | None
                   ) -> Generator[bytes, None, None]:
+        self._first = None
         total = 0
         stack: list[tuple[str, str, Iterator[str]]] = []
         current = first
@@ -299,7 +303,12 @@ class TarStream:
             if current is not None:
                 header, fd, size, listing = current
                 total += len(header)
-                yield header
+                try:
+                    yield header
+                except BaseException:  # closed between a file's header and its data
+                    if fd is not None and fd >= 0:
+                        os.close(fd)
+                    raise
                 if fd is not None:
                     for piece in self._file_data(fd, size):
                         total += len(piece)
@@ -364,6 +373,9 @@ class TarStream:
         gen, self._gen = self._gen, None
         if gen is not None:
             gen.close()
+        first, self._first = self._first, None
+        if first is not None and first[1] is not None and first[1] >= 0:
+            os.close(first[1])
         self._out.clear()
         self._closed = True
 

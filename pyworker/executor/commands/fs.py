@@ -86,7 +86,10 @@ class RemoveDirectory(_ToolCommand):
         for path in self.arg_paths("paths"):
             self.channel.text("header", f"rm -rf {path} (restrict_paths: removed by the "
                               "worker, links not followed)\n")
-            dir_fd, name = beneath.locate(path, follow_last=False)
+            try:
+                dir_fd, name = beneath.locate(path, follow_last=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # a missing parent (or a file as one): nothing to remove, as rm -f
             try:
                 if name is None:
                     self.channel.text("stderr", f"rm: refusing to remove '.' or '..' "
@@ -126,7 +129,12 @@ def _remove_tree(dir_fd: int, name: str, shown: str, errors: list[str]) -> None:
                 os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
             except OSError:
                 pass
-        for child in os.listdir(fd):
+        try:
+            children = os.listdir(fd)
+        except OSError as e:
+            errors.append(f"rm: cannot remove '{shown}': {e.strerror}\n")
+            return
+        for child in children:
             _remove_tree(fd, child, f"{shown}/{child}", errors)
     finally:
         os.close(fd)

@@ -60,6 +60,9 @@ BLOCK_SIZE = 128 * 1024
 MAX_BLOCK_SIZE = 600 * 1024
 #: Bytes of blocks in flight (sent, not yet answered) per transfer.
 WINDOW = 2 * 1024 * 1024
+#: The ``mode`` values ``chmod`` takes (a C int; the kernel keeps the low 12 bits).
+MIN_MODE = -(2**31)
+MAX_MODE = 2**31 - 1
 
 
 class _Transfer(Command):
@@ -185,26 +188,12 @@ class UploadFile(_Upload):
         times: tuple[float, float] | None = None
         fd = -1
         try:
-            if self.beneath is not None:
-                fd = self.beneath.open(self.path, os.O_RDONLY)
-                if keepstamp:
-                    st = os.fstat(fd)
-                    times = (st.st_atime, st.st_mtime)
-            else:
-                if keepstamp:
-                    st = os.stat(self.path)
-                    times = (st.st_atime, st.st_mtime)
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise IsADirectoryError(self.path)
-        except OSError:
-            if fd >= 0:
-                os.close(fd)
-                fd = -1
-            self.stderr = f"Cannot open file '{self.path}' for upload"
-            self.rc = 1
-        self.channel.text("header", f"sending {self.path}\n")
-        try:
+            try:
+                fd, times = self._open_source(keepstamp)
+            except OSError:
+                self.stderr = f"Cannot open file '{self.path}' for upload"
+                self.rc = 1
+            self.channel.text("header", f"sending {self.path}\n")
             if fd >= 0:
                 self._send(fd)
         finally:
@@ -226,6 +215,28 @@ class UploadFile(_Upload):
             self.rc = 1
             self.call_quietly("writer", "close")
         self.report()
+
+    def _open_source(self, keepstamp: bool) -> tuple[int, tuple[float, float] | None]:
+        """The file to send, open, and its (atime, mtime) if ``keepstamp``; nothing is left
+        open when this raises."""
+        times: tuple[float, float] | None = None
+        if self.beneath is not None:
+            fd = self.beneath.open(self.path, os.O_RDONLY)
+        else:
+            if keepstamp:
+                st = os.stat(self.path)
+                times = (st.st_atime, st.st_mtime)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+            if keepstamp and self.beneath is not None:
+                times = (st.st_atime, st.st_mtime)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, times
 
     def _send(self, fd: int) -> None:
         while not self.interrupted:
@@ -269,15 +280,16 @@ class UploadDirectory(_Upload):
             self.report()
             return
         compressor: ChunkedCompressor | None = None
-        if compress is not None:
-            level = self.io.get("gzip_level" if compress == "gz" else "bz2_level", AUTO_LEVEL)
-            if not valid_level(compress, level):
-                level = AUTO_LEVEL
-            threads = _io_int(self.io, "compress_threads", default_threads(), 1,
-                              MAX_COMPRESS_THREADS)
-            compressor = ChunkedCompressor(tar.read, compress, level, threads)
-        self.channel.text("header", f"sending {self.path}\n")
         try:
+            if compress is not None:
+                level = self.io.get("gzip_level" if compress == "gz" else "bz2_level",
+                                    AUTO_LEVEL)
+                if not valid_level(compress, level):
+                    level = AUTO_LEVEL
+                threads = _io_int(self.io, "compress_threads", default_threads(), 1,
+                                  MAX_COMPRESS_THREADS)
+                compressor = ChunkedCompressor(tar.read, compress, level, threads)
+            self.channel.text("header", f"sending {self.path}\n")
             complete = self._send(compressor or tar)
         finally:
             if compressor is not None:
@@ -331,6 +343,9 @@ class DownloadFile(_Transfer):
         mode = self.args.get("mode")
         if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)):
             raise CommandError(f"argument 'mode' must be an integer or None, not {mode!r:.60}")
+        if mode is not None and not MIN_MODE <= mode <= MAX_MODE:
+            # what chmod(2) can be given (the reference fails here too, with OverflowError)
+            raise CommandError(f"argument 'mode' is not a file mode: {mode!r:.60}")
         target = self.path
         tmp: str | None = None
         fd = -1
@@ -347,8 +362,13 @@ class DownloadFile(_Transfer):
                 self.rc = 1
             if fd >= 0:
                 completed = self._receive(fd)
-                os.close(fd)
-                fd = -1
+                closing, fd = fd, -1
+                try:
+                    os.close(closing)  # the fd is released even when this fails
+                except OSError as e:  # a delayed write error: the data is not all there
+                    if completed:
+                        self.failure = f"{type(e).__name__}: {e}"
+                    completed = False
                 if completed and tmp is not None:
                     try:
                         os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -455,12 +475,24 @@ def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int
         tmp = None
     try:
         os.fchmod(fd, mode)
-    except OSError:
-        os.close(fd)
-        if tmp is not None:
-            os.unlink(tmp)
+    except BaseException:
+        _discard(fd, tmp)
         raise
     return target, tmp, fd
+
+
+def _discard(fd: int, tmp: str | None, dir_fd: int | None = None) -> None:
+    """Close ``fd`` and remove the temporary file ``tmp`` (if one was made) after a failure;
+    errors here are not the ones to report."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    if tmp is not None:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
 
 
 def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | None
@@ -500,17 +532,12 @@ def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | Non
                 raise FileExistsError(errno.EEXIST, "no temporary name", path)
         except PermissionError:
             fd = os.open(name, flags | os.O_TRUNC, 0o666, dir_fd=dir_fd)
-            try:
-                beneath.check_fd(path, fd)
-            except BaseException:
-                os.close(fd)
-                raise
         try:
+            if tmp is None:
+                beneath.check_fd(path, fd)
             os.fchmod(fd, mode)
-        except OSError:
-            os.close(fd)
-            if tmp is not None:
-                os.unlink(tmp, dir_fd=dir_fd)
+        except BaseException:
+            _discard(fd, tmp, dir_fd)
             raise
     except BaseException:
         os.close(dir_fd)
@@ -547,19 +574,6 @@ class BeneathTarStream(python_iocore.TarStream):
             if info is None:
                 return None
             here = "." if name is None else name
-            fd: int | None = None
-            if info.type == tarfile.REGTYPE and info.size > 0:
-                try:
-                    fd = os.open(here, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 dir_fd=dir_fd)
-                except OSError:
-                    fd = -1  # gone, or not that file any more: zeros
-                else:
-                    try:
-                        self._beneath.check_fd(path, fd)
-                    except BaseException:
-                        os.close(fd)
-                        raise
             header = info.tobuf(tarfile.PAX_FORMAT, sys.getfilesystemencoding(),
                                 "surrogateescape")
             listing: list[str] | None = None
@@ -571,10 +585,23 @@ class BeneathTarStream(python_iocore.TarStream):
                         listing = sorted(os.listdir(lfd))
                     finally:
                         os.close(lfd)
-                except (FileNotFoundError, NotADirectoryError, OSError):
+                except OSError:
                     if is_root:
                         raise
                     listing = []
+            fd: int | None = None
+            if info.type == tarfile.REGTYPE and info.size > 0:  # opened last: nothing after
+                try:                                             # it can fail and leak it
+                    fd = os.open(here, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dir_fd)
+                except OSError:
+                    fd = -1  # gone, or not that file any more: zeros
+                else:
+                    try:
+                        self._beneath.check_fd(path, fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
             size = info.size if info.type == tarfile.REGTYPE else 0
             return header, fd, size, listing
         finally:
