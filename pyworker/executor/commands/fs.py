@@ -457,7 +457,8 @@ def _glob_beneath(beneath: paths.Beneath, pattern: str, tick: Callable[[], None]
         os.close(fd)
     root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=beneath.root_fd)
     try:
-        found = _bounded(Globber(root, tick=tick, follow=_inside(beneath)).glob(rel), pattern)
+        globber = Globber(root, tick=tick, follow=_inside(beneath))
+        found = _bounded(globber.glob(rel, pattern), pattern)
     finally:
         os.close(root)
     kept = []

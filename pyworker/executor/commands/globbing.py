@@ -45,10 +45,15 @@ class Globber:
         self.follow = follow
         self._entries = 0
 
-    def glob(self, pathname: str) -> Iterator[str]:
-        """The matches of ``pathname`` (``**`` recursive), lazily, in ``glob``'s order."""
+    def glob(self, pathname: str, whole: str | None = None) -> Iterator[str]:
+        """The matches of ``pathname`` (``**`` recursive), lazily, in ``glob``'s order.
+
+        ``whole``: the pattern ``pathname`` is the end of (the part relative to ``dir_fd``),
+        whose start decides whether an empty match is dropped (``glob`` drops it when the
+        pattern starts with ``**``)."""
         it = self._iglob(pathname, "", False)
-        if not pathname or _isrecursive(pathname[:2]):
+        whole = pathname if whole is None else whole
+        if not whole or _isrecursive(whole[:2]):
             for s in it:  # skip the empty string
                 if s:
                     yield s
