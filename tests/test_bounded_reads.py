@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import marshal
 import os
+import stat
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -201,6 +202,21 @@ def test_upload_of_a_fifo_or_a_device_fails_at_once(
         f"Cannot open file '{src}' for upload: '{src}' is not a regular file ({what})")
     assert r.rc == 1 and master.written == b""
     assert [c[1] for c in master.calls] == ["close"]
+    serves_the_next_command(ex, tmp_path, restricted)
+
+
+def test_download_onto_a_fifo_fails_at_once_and_leaves_it(
+        ex: ExecutorDriver, tmp_path: Path, restricted: bool) -> None:
+    dst = tmp_path / "dst"
+    os.mkfifo(dst)
+    master = FakeMaster(b"data")
+    r = run(ex, tmp_path, restricted, "downloadFile",
+            {"path": str(dst), "blocksize": 4096, "maxsize": None, "mode": None}, master)
+    assert r.text("stderr").rstrip("\n") == (
+        f"Cannot open file '{dst}' for download: '{dst}' is not a regular file (a FIFO)")
+    assert r.rc == 1
+    assert stat.S_ISFIFO(os.lstat(dst).st_mode)  # not renamed over
+    assert sorted(os.listdir(tmp_path)) == ["dst"]
     serves_the_next_command(ex, tmp_path, restricted)
 
 

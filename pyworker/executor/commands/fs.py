@@ -296,8 +296,13 @@ class _Copier:
 
     def _copy_file(self, src_dir: int, src: str, dst_dir: int, dst_name: str,
                    st: os.stat_result, shown_src: str) -> None:
-        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        sfd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=src_dir)  # O_NONBLOCK: swapped for a FIFO, it must not wait
         try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                self.error(f"'{shown_src}': not copied (not a file, directory or link)")
+                return
+            os.set_blocking(sfd, True)
             self.beneath.check_fd(shown_src, sfd)
             try:
                 existing = os.stat(dst_name, dir_fd=dst_dir, follow_symlinks=False)

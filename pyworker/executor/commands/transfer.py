@@ -342,6 +342,9 @@ class DownloadFile(_Transfer):
                                                                         self.path, mode)
                 else:
                     target, tmp, fd = _open_destination(self.path, mode)
+            except NotRegularFile as e:
+                self.stderr = f"Cannot open file '{self.path}' for download: {e}"
+                self.rc = 1
             except OSError:
                 self.stderr = f"Cannot open file '{self.path}' for download"
                 self.rc = 1
@@ -444,6 +447,8 @@ def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(target)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(target, st.st_mode)  # a FIFO or a device: never renamed over
     if mode is None:
         if st is not None:
             mode = stat.S_IMODE(st.st_mode)
@@ -493,8 +498,10 @@ def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | Non
             st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
+        if st is not None and (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, st.st_mode)
         if mode is None:
             if st is not None:
                 mode = stat.S_IMODE(st.st_mode)
