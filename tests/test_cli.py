@@ -419,6 +419,26 @@ def test_start_failing_tac(tmp_path: Path) -> None:
         assert not (tmp_path / "w" / "twistd.pid").exists()
 
 
+def test_start_uses_the_tacs_own_log_observer(tmp_path: Path) -> None:
+    """A tac's observer on a file of its own replaces twistd.log, as with twistd."""
+    exe = launcher(tmp_path, "exit0")
+    create(exe, tmp_path / "w", "-n")
+    tac = tmp_path / "w" / "buildbot.tac"
+    tac.write_text(tac.read_text().replace(
+        "application = service.Application('buildbot-worker')\n",
+        "application = service.Application('buildbot-worker')\n"
+        "from twisted.python.log import ILogObserver, FileLogObserver\n"
+        "os.mkdir('logs')\n"
+        "application.setComponent(ILogObserver, "
+        "FileLogObserver(open('logs/worker.log', 'a')).emit)\n",
+    ))
+    result = run(exe, "start", "--nodaemon", str(tmp_path / "w"), env={})
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "w" / "logs" / "worker.log").read_text()
+    assert "fake front end for WorkerConfig(" in log and "Server Shut Down." in log
+    assert not (tmp_path / "w" / "twistd.log").exists()
+
+
 def test_start_nodaemon_empty_environment_and_closed_stdio(tmp_path: Path) -> None:
     exe = launcher(tmp_path, "exit7")
     basedir = tmp_path / "w"

@@ -349,6 +349,8 @@ def _failure(path: str, exc: BaseException) -> str:
     where = f" (line {line})" if line else ""
     if isinstance(exc, SystemExit):
         last = f"the tac called sys.exit({exc.code!r})"
+    elif isinstance(exc, SyntaxError):  # in a module the tac imports
+        last = f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
     else:
         last = traceback.format_exception_only(exc)[-1].strip()
     return f"error in {path}{where}: {last}"
@@ -511,7 +513,9 @@ def _check_encoding(where: str, encoding: Any) -> None:
 def _template_logfile(observer: Any, twistd_log: str) -> LogFile | None:
     """The LogFile behind ``FileLogObserver(LogFile(<basedir>/twistd.log)).emit``, else None."""
     owner = getattr(observer, "__self__", None)
-    if not isinstance(owner, LegacyFileLogObserver) or observer != owner.emit:
+    if type(owner) is not LegacyFileLogObserver or observer != owner.emit:
+        return None
+    if owner.timeFormat is not None:  # the tac's own line format: its observer is used
         return None
     logfile = getattr(owner.write, "__self__", None)
     if isinstance(logfile, LogFile) and os.path.abspath(logfile.path) == twistd_log:
