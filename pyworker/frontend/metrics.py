@@ -1,10 +1,19 @@
 """The worker's counters, and the opt-in HTTP endpoint that shows them.
 
-:data:`STATS` is updated by the front end as it works (connection, commands, bytes). With
-``metrics_port`` set, :func:`listen` serves on 127.0.0.1 only:
+:data:`STATS` is updated by the front end as it works (connection, commands, bytes): plain
+attributes and ``Counter`` dicts, so the hot path pays one increment. With ``metrics_port``
+set, :func:`listen` serves on 127.0.0.1 only:
 
 * ``/healthz``: ``200 ok`` while connected to the master, ``503`` otherwise;
-* ``/metrics``: the counters in Prometheus' text exposition format.
+* ``/metrics``: :data:`REGISTRY` through ``prometheus_client``: the counters (read by a
+  collector at scrape time, label values escaped by the library), the front-end process's
+  ``process_*`` metrics, text or OpenMetrics format as the scraper's ``Accept`` asks.
+
+``/metrics`` is what ``prometheus_client.twisted.MetricsResource`` builds (the library's
+WSGI app in a ``WSGIResource``), made on the reactor :func:`listen` is given rather than on
+the global one that module imports at import time. It renders in the reactor's thread
+pool, so the collector reads what the reactor thread changes through atomic copies
+(``dict(...)``, ``len``).
 """
 
 from __future__ import annotations
@@ -12,9 +21,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.web import resource, server
+from twisted.web.wsgi import WSGIResource
 
 
 @dataclasses.dataclass
@@ -40,45 +54,72 @@ class Stats:
         if failed:
             self.failed_commands += 1
 
-    def render(self) -> str:
-        """Prometheus text exposition of every counter."""
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
-            lines.append(f"# HELP pyworker_{name} {help_text}")
-            lines.append(f"# TYPE pyworker_{name} {kind}")
-            for labels, value in samples:
-                lines.append(f"pyworker_{name}{labels} {value}")
-
-        metric("connected", "gauge", "1 while connected to the master.",
-               [("", int(self.connected))])
-        metric("reconnects_total", "counter", "Connections to the master after the first.",
-               [("", self.reconnects)])
-        metric("running_commands", "gauge", "Commands running now.",
-               [("", self.running_commands)])
-        metric("commands_total", "counter", "Commands started, by command.",
-               [(f'{{command="{k}"}}', v) for k, v in sorted(self.commands.items())])
-        metric("failed_commands_total", "counter",
-               "Commands that completed with a failure (the master's EXCEPTION).",
-               [("", self.failed_commands)])
-        metric("bytes_total", "counter", "Bytes streamed to or from the master, by kind.",
-               [(f'{{kind="{k}"}}', v) for k, v in sorted(self.bytes.items())])
-        pool = self.pool
-        if pool is not None:
-            metric("executors", "gauge", "Executor processes, by state.",
-                   [('{state="idle"}', len(pool.idle)), ('{state="busy"}', len(pool.busy))])
-            metric("executors_started_total", "counter", "Executor processes started.",
-                   [("", pool.started_count)])
-            metric("executors_died_total", "counter",
-                   "Executor processes that died while running a command.",
-                   [("", pool.died_count)])
-        metric("uptime_seconds", "gauge", "Seconds since the worker started.",
-               [("", round(time.time() - self.started_at, 3))])
-        return "\n".join(lines) + "\n"
-
 
 #: The one set of counters of this process.
 STATS = Stats()
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"pyworker_{name}", help_text, value=value)
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"pyworker_{name}", help_text, value=value)
+
+
+def _by_label(family: GaugeMetricFamily | CounterMetricFamily,
+              values: dict[str, int]) -> GaugeMetricFamily | CounterMetricFamily:
+    for label, value in sorted(values.items()):
+        family.add_metric([label], value)
+    return family
+
+
+class StatsCollector(Collector):
+    """:data:`STATS` (or another :class:`Stats`) as Prometheus metric families."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield _gauge("connected", "1 while connected to the master.", int(s.connected))
+        yield _counter("reconnects_total", "Connections to the master after the first.",
+                       s.reconnects)
+        yield _gauge("running_commands", "Commands running now.", s.running_commands)
+        yield _by_label(CounterMetricFamily("pyworker_commands_total",
+                                            "Commands started, by command.", labels=["command"]),
+                        dict(s.commands))
+        yield _counter("failed_commands_total",
+                       "Commands that completed with a failure (the master's EXCEPTION).",
+                       s.failed_commands)
+        yield _by_label(CounterMetricFamily("pyworker_bytes_total",
+                                            "Bytes streamed to or from the master, by kind.",
+                                            labels=["kind"]),
+                        dict(s.bytes))
+        pool = s.pool
+        if pool is not None:
+            yield _by_label(GaugeMetricFamily("pyworker_executors",
+                                              "Executor processes, by state.", labels=["state"]),
+                            {"idle": len(pool.idle), "busy": len(pool.busy)})
+            yield _counter("executors_started_total", "Executor processes started.",
+                           pool.started_count)
+            yield _counter("executors_died_total",
+                           "Executor processes that died while running a command.",
+                           pool.died_count)
+        yield _gauge("uptime_seconds", "Seconds since the worker started.",
+                     round(time.time() - s.started_at, 3))
+
+
+def make_registry(stats: Stats) -> CollectorRegistry:
+    """A registry with ``stats`` and this process's ``process_*`` metrics."""
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+#: What ``/metrics`` shows.
+REGISTRY = make_registry(STATS)
 
 
 class _Health(resource.Resource):
@@ -92,19 +133,12 @@ class _Health(resource.Resource):
         return b"not connected to the master\n"
 
 
-class _Metrics(resource.Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return STATS.render().encode()
-
-
 def listen(reactor: Any, port: int) -> Any:
     """Serve ``/healthz`` and ``/metrics`` on 127.0.0.1:``port``; returns the listening port."""
     root = resource.Resource()
     root.putChild(b"healthz", _Health())
-    root.putChild(b"metrics", _Metrics())
+    app = make_wsgi_app(REGISTRY)
+    root.putChild(b"metrics", WSGIResource(reactor, reactor.getThreadPool(), app))
     site = server.Site(root)
     site.noisy = False
     return reactor.listenTCP(port, site, interface="127.0.0.1")
