@@ -128,6 +128,22 @@ def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) 
     worker.stop()
 
 
+def test_start_nodaemon_logs_to_stdout(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    """``start --nodaemon --logfile -`` (as ``twistd --logfile -``): the log on stdout."""
+    master = make_master({"quick": QUICK})
+    worker = master.start_worker(pyworker_executable, start_args=["--logfile", "-"])
+    assert master.force_build("quick").result == "SUCCESS"
+    wait_for(lambda: "message from master: attached" in worker.console_log.read_text(), 10,
+             "the attach to be logged on stdout")
+    assert not worker.twistd_log.exists()
+    os.kill(worker.pid, signal.SIGQUIT)
+    assert worker.wait(15) == 0
+    console = worker.console_log.read_text()
+    assert "Starting Worker -- version: 4.3.0" in console and "Server Shut Down." in console
+
+
 def test_restrict_paths_refuses_paths_outside_the_basedir(
     make_master: MasterFactory, pyworker_executable: str
 ) -> None:
