@@ -5,9 +5,11 @@ attributes and ``Counter`` dicts, so the hot path pays one increment. With ``met
 set, :func:`listen` serves on 127.0.0.1 only:
 
 * ``/healthz``: ``200 ok`` while connected to the master, ``503`` otherwise;
-* ``/metrics``: :data:`REGISTRY` through ``prometheus_client``: the counters (read by a
-  collector at scrape time, label values escaped by the library), the front-end process's
-  ``process_*`` metrics, text or OpenMetrics format as the scraper's ``Accept`` asks.
+* ``/metrics``: :func:`make_registry` through ``prometheus_client``: the counters (read by
+  a collector at scrape time, label values escaped by the library), the front-end
+  process's ``process_*`` metrics, text or OpenMetrics format as the scraper's ``Accept``
+  asks. ``prometheus_client`` is imported only then (1.2 MiB of RSS a worker without
+  ``metrics_port`` does not pay).
 
 ``/metrics`` is what ``prometheus_client.twisted.MetricsResource`` builds (the library's
 WSGI app in a ``WSGIResource``), made on the reactor :func:`listen` is given rather than on
@@ -22,13 +24,13 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from twisted.web import resource, server
-from twisted.web.wsgi import WSGIResource
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 
 @dataclasses.dataclass
@@ -59,67 +61,57 @@ class Stats:
 STATS = Stats()
 
 
-def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"pyworker_{name}", help_text, value=value)
-
-
-def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(f"pyworker_{name}", help_text, value=value)
-
-
-def _by_label(family: GaugeMetricFamily | CounterMetricFamily,
-              values: dict[str, int]) -> GaugeMetricFamily | CounterMetricFamily:
-    for label, value in sorted(values.items()):
-        family.add_metric([label], value)
-    return family
-
-
-class StatsCollector(Collector):
-    """:data:`STATS` (or another :class:`Stats`) as Prometheus metric families."""
+class StatsCollector:
+    """A :class:`Stats` as Prometheus metric families (a ``prometheus_client`` collector)."""
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        def by_label(family: GaugeMetricFamily | CounterMetricFamily,
+                     values: dict[str, int]) -> GaugeMetricFamily | CounterMetricFamily:
+            for label, value in sorted(values.items()):
+                family.add_metric([label], value)
+            return family
+
         s = self.stats
-        yield _gauge("connected", "1 while connected to the master.", int(s.connected))
-        yield _counter("reconnects_total", "Connections to the master after the first.",
-                       s.reconnects)
-        yield _gauge("running_commands", "Commands running now.", s.running_commands)
-        yield _by_label(CounterMetricFamily("pyworker_commands_total",
-                                            "Commands started, by command.", labels=["command"]),
-                        dict(s.commands))
-        yield _counter("failed_commands_total",
-                       "Commands that completed with a failure (the master's EXCEPTION).",
-                       s.failed_commands)
-        yield _by_label(CounterMetricFamily("pyworker_bytes_total",
-                                            "Bytes streamed to or from the master, by kind.",
-                                            labels=["kind"]),
-                        dict(s.bytes))
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        yield g("pyworker_connected", "1 while connected to the master.",
+                value=int(s.connected))
+        yield c("pyworker_reconnects_total", "Connections to the master after the first.",
+                value=s.reconnects)
+        yield g("pyworker_running_commands", "Commands running now.", value=s.running_commands)
+        yield by_label(c("pyworker_commands_total", "Commands started, by command.",
+                         labels=["command"]), dict(s.commands))
+        yield c("pyworker_failed_commands_total",
+                "Commands that completed with a failure (the master's EXCEPTION).",
+                value=s.failed_commands)
+        yield by_label(c("pyworker_bytes_total", "Bytes streamed to or from the master, by kind.",
+                         labels=["kind"]), dict(s.bytes))
         pool = s.pool
         if pool is not None:
-            yield _by_label(GaugeMetricFamily("pyworker_executors",
-                                              "Executor processes, by state.", labels=["state"]),
-                            {"idle": len(pool.idle), "busy": len(pool.busy)})
-            yield _counter("executors_started_total", "Executor processes started.",
-                           pool.started_count)
-            yield _counter("executors_died_total",
-                           "Executor processes that died while running a command.",
-                           pool.died_count)
-        yield _gauge("uptime_seconds", "Seconds since the worker started.",
-                     round(time.time() - s.started_at, 3))
+            yield by_label(g("pyworker_executors", "Executor processes, by state.",
+                             labels=["state"]),
+                           {"idle": len(pool.idle), "busy": len(pool.busy)})
+            yield c("pyworker_executors_started_total", "Executor processes started.",
+                    value=pool.started_count)
+            yield c("pyworker_executors_died_total",
+                    "Executor processes that died while running a command.",
+                    value=pool.died_count)
+        yield g("pyworker_uptime_seconds", "Seconds since the worker started.",
+                value=round(time.time() - s.started_at, 3))
 
 
 def make_registry(stats: Stats) -> CollectorRegistry:
     """A registry with ``stats`` and this process's ``process_*`` metrics."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
     registry = CollectorRegistry()
-    registry.register(StatsCollector(stats))
+    registry.register(StatsCollector(stats))  # a collector is anything with collect()
     ProcessCollector(registry=registry)
     return registry
-
-
-#: What ``/metrics`` shows.
-REGISTRY = make_registry(STATS)
 
 
 class _Health(resource.Resource):
@@ -135,9 +127,12 @@ class _Health(resource.Resource):
 
 def listen(reactor: Any, port: int) -> Any:
     """Serve ``/healthz`` and ``/metrics`` on 127.0.0.1:``port``; returns the listening port."""
+    from prometheus_client import make_wsgi_app
+    from twisted.web.wsgi import WSGIResource
+
     root = resource.Resource()
     root.putChild(b"healthz", _Health())
-    app = make_wsgi_app(REGISTRY)
+    app = make_wsgi_app(make_registry(STATS))
     root.putChild(b"metrics", WSGIResource(reactor, reactor.getThreadPool(), app))
     site = server.Site(root)
     site.noisy = False

@@ -30,7 +30,7 @@ def test_counters_keep_their_names_and_values(fresh_stats: metrics.Stats) -> Non
     fresh_stats.command_finished(failed=True)
     fresh_stats.bytes["stdout"] += 3
     fresh_stats.pool = SimpleNamespace(idle=[1, 2], busy=[3], started_count=4, died_count=1)
-    samples = _samples(generate_latest(metrics.REGISTRY).decode())
+    samples = _samples(generate_latest(metrics.make_registry(fresh_stats)).decode())
     assert samples[("pyworker_connected", ())] == 1
     assert samples[("pyworker_reconnects_total", ())] == 2
     assert samples[("pyworker_running_commands", ())] == 1
@@ -49,7 +49,7 @@ def test_label_values_with_quotes_backslashes_and_newlines_are_escaped(
 ) -> None:
     fresh_stats.command_started(WEIRD)
     fresh_stats.bytes[WEIRD] += 7
-    text = generate_latest(metrics.REGISTRY).decode()
+    text = generate_latest(metrics.make_registry(fresh_stats)).decode()
     # one line per sample: the newline in the value is escaped, not written
     assert [line for line in text.splitlines() if "say" in line] == [
         'pyworker_commands_total{command="say \\"hi\\"\\\\ to\\nme"} 1.0',
@@ -58,8 +58,8 @@ def test_label_values_with_quotes_backslashes_and_newlines_are_escaped(
     samples = _samples(text)
     assert samples[("pyworker_commands_total", (("command", WEIRD),))] == 1
     assert samples[("pyworker_bytes_total", (("kind", WEIRD),))] == 7
-    families = {f.name: f for f in parse_openmetrics(generate_openmetrics(metrics.REGISTRY)
-                                                     .decode())}
+    openmetrics = generate_openmetrics(metrics.make_registry(fresh_stats)).decode()
+    families = {f.name: f for f in parse_openmetrics(openmetrics)}
     assert [s.labels for s in families["pyworker_commands"].samples] == [{"command": WEIRD}]
 
 
@@ -67,7 +67,7 @@ def test_process_metrics_of_this_process(fresh_stats: metrics.Stats) -> None:
     import psutil
 
     families = {f.name: f for f in
-                text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode())}
+                text_string_to_metric_families(generate_latest(metrics.make_registry(fresh_stats)).decode())}
     for name in ("process_resident_memory_bytes", "process_virtual_memory_bytes",
                  "process_start_time_seconds", "process_cpu_seconds", "process_open_fds",
                  "process_max_fds"):
