@@ -480,6 +480,7 @@ class WorkerProcess:
         protocol: str = PB_PROTOCOL,
         create_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        start_args: Sequence[str] = (),
     ) -> None:
         # relative paths would break: the worker is started from another directory
         self.executable = (
@@ -491,6 +492,7 @@ class WorkerProcess:
         self.master_addr = master_addr
         self.protocol = protocol
         self.create_args = list(create_args)
+        self.start_args = list(start_args)
         self.env = dict(env) if env is not None else default_worker_env(self.executable)
         self.console_log = basedir.parent / f"{basedir.name}.console.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -529,7 +531,7 @@ class WorkerProcess:
     def start(self) -> None:
         with open(self.console_log, "ab") as console:
             self.proc = subprocess.Popen(
-                [self.executable, "start", "--nodaemon", str(self.basedir)],
+                [self.executable, "start", "--nodaemon", *self.start_args, str(self.basedir)],
                 env=self.env,  # {} as Buildbot's SandboxedWorker (spawnProcess without env)
                 cwd=self.basedir.parent,
                 stdin=subprocess.DEVNULL,
@@ -922,6 +924,7 @@ class RealMaster:
         protocol: str = PB_PROTOCOL,
         create_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        start_args: Sequence[str] = (),
         wait: bool = True,
         timeout: float = 30,
     ) -> WorkerProcess:
@@ -929,6 +932,7 @@ class RealMaster:
 
         ``env`` is the worker's whole environment; the default is
         :func:`default_worker_env` (empty, but for ``PYWORKER_IO`` given to pyworker).
+        ``start_args`` go after ``start --nodaemon`` (its console goes to ``console_log``).
         """
         name = name or self.worker_names[0]
         if name not in self.worker_names:
@@ -955,6 +959,7 @@ class RealMaster:
             protocol,
             create_args,
             env,
+            start_args,
         )
         w.create()
         w.start()

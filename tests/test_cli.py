@@ -841,3 +841,119 @@ def test_json_log_format(tmp_path: Path) -> None:
     failed = [r for r in records if r["message"] == "pyworker: the worker failed"]
     assert len(failed) == 1 and "ImportError: no front end here" in failed[0]["failure"]
     assert failed[0]["level"] in ("critical", "error")
+
+
+# ---------------------------------------------------------------------------------------
+# where the log goes: twistd.log, --logfile, stdout
+
+def _no_log_written(basedir: Path) -> bool:
+    """twistd.log holds nothing (the tac's own log block opens it when the tac runs, as
+    under twistd, but nothing may be logged there)."""
+    log = basedir / "twistd.log"
+    return not log.exists() or log.read_text() == ""
+
+
+#: twistd's own format (``textFileLogObserver``): what it writes without the tac's log block
+TWISTD_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+
+
+def test_start_nodaemon_logs_to_stdout(tmp_path: Path) -> None:
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir, passwd="TOPSECRET")
+    result = run(launcher(tmp_path, "exit0"), "start", "--nodaemon", "--logfile", "-",
+                 str(basedir), env={})
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all(TWISTD_LINE.match(line) for line in lines), lines
+    text = result.stdout
+    assert "Loading buildbot.tac..." in text and "Server Shut Down." in text
+    assert "fake front end for WorkerConfig(" in text and f"basedir={basedir}\n" in text
+    assert "TOPSECRET" not in text
+    assert _no_log_written(basedir)
+    assert not (basedir / "twistd.pid").exists()
+    assert (basedir / "twistd.hostname").exists()
+    # the front end's failure is reported on stdout too (then on stderr, once)
+    result = run(launcher(tmp_path, "broken"), "start", "--nodaemon", "-l-", str(basedir))
+    assert result.returncode == 1
+    assert "ImportError: no front end here" in result.stdout
+    assert result.stderr.startswith("pyworker: the worker failed (ImportError: no front end")
+
+
+def test_start_nodaemon_json_lines_on_stdout(tmp_path: Path) -> None:
+    import json
+
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir, "--log-format=json")
+    result = run(launcher(tmp_path, "exit0"), "start", "--nodaemon", "--logfile=-", str(basedir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    messages = [json.loads(line)["message"] for line in result.stdout.splitlines()]
+    assert "Loading buildbot.tac..." in messages and "Server Shut Down." in messages
+    assert _no_log_written(basedir)
+
+
+def test_a_daemon_cannot_log_to_stdout(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path)
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    for quiet in ([], ["-q"]):
+        result = run(exe, "start", *quiet, "--logfile", "-", str(basedir))
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1, "", "Daemons cannot log to stdout, exiting!\n")  # twistd's words
+    assert sorted(p.name for p in basedir.iterdir() if p.name != "twistd.log") == [
+        "buildbot.tac", "info"]
+    assert _no_log_written(basedir)
+    result = run(exe, "start", "--logfile=", str(basedir))
+    assert result.returncode == 1 and "--logfile needs a file name" in result.stdout
+
+
+def test_daemon_start_follows_the_logfile_given(tmp_path: Path, daemons: None) -> None:
+    exe = launcher(tmp_path, "attach")
+    basedir = tmp_path / "w"
+    create(exe, basedir)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # a relative --logfile is relative to where start runs, as the basedir argument is
+    result = subprocess.run([exe, "start", "--logfile", "logs/worker.log", str(basedir)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=20)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == (
+        "Following worker.log until startup finished..\n"
+        "The buildbot-worker appears to have (re)started correctly.\n"
+    )
+    pid = int((basedir / "twistd.pid").read_text())
+    assert "message from master: attached" in (logs / "worker.log").read_text()
+    assert _no_log_written(basedir)
+    assert run(exe, "stop", str(basedir)).returncode == 0
+    wait_gone(pid)
+    assert "Server Shut Down." in (logs / "worker.log").read_text()
+    result = run(exe, "start", "--logfile", str(tmp_path / "nodir" / "x.log"), str(basedir))
+    assert result.returncode == 1 and "cannot open" in result.stderr
+    assert not (basedir / "twistd.pid").exists()
+
+
+@pytest.mark.parametrize("logfile", [None, "elsewhere.log"])
+def test_log_rotates_as_the_tac_says(tmp_path: Path, logfile: str | None) -> None:
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir, "--log-size=1500", "--log-count=2")
+    args = [] if logfile is None else ["--logfile", str(basedir / logfile)]
+    name = logfile or "twistd.log"
+    for _ in range(8):  # each run logs some 800 bytes
+        result = run(launcher(tmp_path, "exit0"), "start", "--nodaemon", *args, str(basedir))
+        assert result.returncode == 0, result.stdout + result.stderr
+    files = sorted(p.name for p in basedir.iterdir() if p.name.startswith(name))
+    assert files == [name, f"{name}.1", f"{name}.2"]
+    for path in files:
+        assert (basedir / path).stat().st_size < 1500 + 1000  # rotated at the first write past it
+    # the tac's FileLogObserver writes its own (legacy) line format
+    assert all(LOG_LINE.match(line) for line in (basedir / name).read_text().splitlines()
+               if not line.startswith("\t"))
+
+
+def test_no_log_block_is_twistds_own_logfile(tmp_path: Path) -> None:
+    """``create-worker -n``: no log block; twistd's --logfile and format (as the reference)."""
+    basedir = tmp_path / "w"
+    create(launcher(tmp_path), basedir, "-n")
+    result = run(launcher(tmp_path, "exit0"), "start", "--nodaemon", str(basedir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = (basedir / "twistd.log").read_text().splitlines()
+    assert lines and all(TWISTD_LINE.match(line) for line in lines), lines

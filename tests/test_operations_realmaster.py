@@ -9,8 +9,10 @@ import signal
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 from conftest import MasterFactory
+from prometheus_client.parser import text_string_to_metric_families
 from realmaster import BuildResult, RealMaster, wait_for, wait_for_process
 
 SHORT = "[steps.ShellCommand(command=['sleep', '3'])]"
@@ -74,12 +76,20 @@ def test_a_second_sigterm_stops_a_draining_worker(
     assert _finished_build(master, buildid).result == "RETRY"
 
 
-def _get(url: str) -> tuple[int, str]:
+def _get(url: str, accept: str | None = None) -> tuple[int, str]:
+    headers = {} if accept is None else {"Accept": accept}
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=10) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` parsed by prometheus_client's own parser (fails on bad escaping)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) -> None:
@@ -94,18 +104,44 @@ def test_metrics_endpoint(make_master: MasterFactory, pyworker_executable: str) 
     assert master.force_build("quick").result == "SUCCESS"
     status, text = _get(base + "/metrics")
     assert status == 200
-    assert "pyworker_connected 1" in text
-    assert 'pyworker_commands_total{command="shell"} 1' in text
-    assert "pyworker_running_commands 0" in text
-    assert 'pyworker_bytes_total{kind="stdout"} 3' in text  # "ok\n"
-    assert 'pyworker_executors{state="idle"}' in text
+    samples = _samples(text)
+    assert samples[("pyworker_connected", ())] == 1
+    assert samples[("pyworker_commands_total", (("command", "shell"),))] == 1
+    assert samples[("pyworker_running_commands", ())] == 0
+    assert samples[("pyworker_bytes_total", (("kind", "stdout"),))] == 3  # "ok\n"
+    assert ("pyworker_executors", (("state", "idle"),)) in samples
+    # the front end's own process metrics (the executors are other processes)
+    front_end = psutil.Process(worker.pid)
+    assert abs(samples[("process_start_time_seconds", ())] - front_end.create_time()) < 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("process_open_fds", ())] > 0
+    # a scraper that asks for OpenMetrics gets it
+    status, text = _get(base + "/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200 and text.endswith("# EOF\n")
+    assert "pyworker_connected 1.0" in text
     master.restart()
     master.wait_worker_connected("w1")
     # as above: the worker's own view (login returned) can trail the master's by a moment
-    wait_for(lambda: "pyworker_reconnects_total 1" in _get(base + "/metrics")[1] or None, 10,
-             "/metrics to count the reconnect")
-    assert "pyworker_connected 1" in _get(base + "/metrics")[1]
+    wait_for(lambda: _samples(_get(base + "/metrics")[1])[("pyworker_reconnects_total", ())] == 1
+             or None, 10, "/metrics to count the reconnect")
+    assert _samples(_get(base + "/metrics")[1])[("pyworker_connected", ())] == 1
     worker.stop()
+
+
+def test_start_nodaemon_logs_to_stdout(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    """``start --nodaemon --logfile -`` (as ``twistd --logfile -``): the log on stdout."""
+    master = make_master({"quick": QUICK})
+    worker = master.start_worker(pyworker_executable, start_args=["--logfile", "-"])
+    assert master.force_build("quick").result == "SUCCESS"
+    wait_for(lambda: "message from master: attached" in worker.console_log.read_text(), 10,
+             "the attach to be logged on stdout")
+    assert not worker.twistd_log.exists()
+    os.kill(worker.pid, signal.SIGQUIT)
+    assert worker.wait(15) == 0
+    console = worker.console_log.read_text()
+    assert "Starting Worker -- version: 4.3.0" in console and "Server Shut Down." in console
 
 
 def test_restrict_paths_refuses_paths_outside_the_basedir(

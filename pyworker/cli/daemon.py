@@ -1,20 +1,46 @@
 """Process management for a worker directory: start, stop and restart, twistd-compatible.
 
-``start`` checks and runs ``buildbot.tac``, sets up ``twistd.log`` (same line format
-and rotation as twistd), ``twistd.hostname`` and, when daemonising, ``twistd.pid``, then
-hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.worker.run_worker`` and
-exits with its return value. Files, messages and exit codes follow
-``buildbot-worker`` 4.3.0 (``scripts/start.py``, ``stop.py``, ``restart.py``, twistd).
+``start`` checks and runs ``buildbot.tac``, sets up the log (:func:`open_log`: ``twistd.log``
+with twistd's line format and rotation, or ``--logfile``), ``twistd.hostname`` and, when
+daemonising, ``twistd.pid``, then hands the :class:`~pyworker.config.WorkerConfig` to
+``pyworker.frontend.worker.run_worker`` and exits with its return value. Files, messages and
+exit codes follow ``buildbot-worker`` 4.3.0 (``scripts/start.py``, ``stop.py``,
+``restart.py``, twistd).
+
+Why not Twisted's own runners (checked against Twisted 25.5 and 26.10):
+
+* twistd's ``UnixApplicationRunner`` (``twisted.scripts._twistd_unix``, a private module)
+  runs an ``IService`` application inside its own ``reactor.run()`` and always exits 0; the
+  front end owns its reactor run and its exit code (``run_worker``). Its ``daemonize``
+  makes the first parent exit as soon as the status byte arrives, but ``start`` must stay
+  and follow the log until the master's ``attached`` (the reference forks a log follower
+  before twistd, sleeps 0.2 s, and never learns twistd's status: a daemon that fails shows
+  as a 10 s timeout). So the double fork is ours, with twistd's status pipe and messages,
+  and the same parent both reads the status and follows the log.
+* ``twisted.application.runner`` (``Runner``, ``PIDFile``) does not daemonise at all, logs
+  to a plain stream (no ``LogFile`` rotation, no SIGUSR1), and its ``PIDFile`` differs from
+  twistd's pid file: it writes ``"<pid>\n"`` (twistd: ``"<pid>"``), checks and writes in
+  one ``with`` in the process whose pid it records (after the fork: a refused start could
+  not print twistd's "Another twistd server is running" before the parent returns), takes
+  an EPERM pid for a live one and raises ``InvalidPIDFileError`` where twistd prints "Pidfile
+  ... contains non-numeric value". :func:`_check_pid` is twistd's ``checkPID`` (same
+  messages) plus one thing: a zombie pid is stale.
+* What is Twisted's: the log file (``twisted.python.logfile.LogFile``, rotation by size and
+  on SIGUSR1 as twistd installs it), the observers (the tac's legacy ``FileLogObserver``,
+  twistd's ``textFileLogObserver``) and ``globalLogBeginner``.
 
 Differences, all opt-in or forced by the front end's signal semantics (SIGTERM = graceful
 drain, SIGQUIT or a second SIGTERM = immediate stop): ``stop`` sends SIGQUIT (the
 reference's immediate stop, same messages and 10 s wait); ``stop --graceful`` sends SIGTERM
 and waits for the drain without a time limit (``--timeout``); ``log_format = 'json'`` in the
-tac writes one JSON object per line to ``twistd.log`` instead of twistd's text lines.
+tac writes one JSON object per line instead of twistd's text lines; ``start --logfile``
+(twistd's option, which ``buildbot-worker start`` does not take) wins over the tac's log
+block, where in twistd the tac's observer would win and ``--logfile -`` would do nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import json
@@ -23,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.logger import ILogObserver
 from twisted.python.logfile import LogFile
@@ -37,6 +63,8 @@ PIDFILE = "twistd.pid"
 #: waits for the same drain instead of sending the second SIGTERM (= stop now).
 DRAINING_FILE = "pyworker.draining"
 LOGFILE = "twistd.log"
+#: ``--logfile`` value that logs to standard output (``--nodaemon`` only), as in twistd.
+STDOUT = "-"
 HOSTNAME_FILE = "twistd.hostname"
 #: The line ``start`` waits for (logged when the master calls the Bot's ``print``).
 ATTACHED = b"message from master: attached"
@@ -77,24 +105,30 @@ class WorkerNotRunning(Exception):
 # start
 
 
-def start(basedir: str, quiet: bool, nodaemon: bool) -> int:
+def start(basedir: str, quiet: bool, nodaemon: bool, logfile: str | None = None) -> int:
     """``pyworker start``: exit code as the reference's ``startCommand``."""
     error = check_worker_dir(basedir)
     if error is not None:
         print(error)
         return 1
-    return start_worker(basedir, quiet, nodaemon)
+    return start_worker(basedir, quiet, nodaemon, logfile)
 
 
-def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
-    """Start the worker in ``basedir`` (already checked); foreground if ``nodaemon``."""
+def start_worker(basedir: str, quiet: bool, nodaemon: bool, logfile: str | None = None) -> int:
+    """Start the worker in ``basedir`` (already checked); foreground if ``nodaemon``.
+
+    ``logfile``: twistd's ``--logfile`` (see :func:`open_log`).
+    """
     os.chdir(basedir)
     try:
         loaded = load_tac(basedir)
     except TacError as exc:
         print(f"pyworker: {exc}", file=sys.stderr)
         return 1
-    config, observer = loaded.config, loaded.log_observer
+    config = loaded.config
+    if logfile == STDOUT and not nodaemon:
+        print("Daemons cannot log to stdout, exiting!", file=sys.stderr)  # twistd's words
+        return 1
     pidfile = None if nodaemon else os.path.abspath(PIDFILE)
     if pidfile is not None:
         problem = _check_pid(pidfile)
@@ -103,28 +137,86 @@ def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
             return 1
         _remove_draining()  # left by a drain that ended without `stop` watching
     try:
-        # the tac's own log observer replaces twistd.log, as twistd has it
-        logfile = open_logfile(config) if observer is None else None
+        log = open_log(config, logfile, loaded.log_observer)
     except OSError as exc:
-        print(f"pyworker: cannot open {LOGFILE} in {config.basedir}: {exc}", file=sys.stderr)
+        where = logfile if logfile else f"{LOGFILE} in {config.basedir}"
+        print(f"pyworker: cannot open {where}: {exc}", file=sys.stderr)
         return 1
     if nodaemon:
-        return run(config, logfile, pidfile=None, status_fd=None, log_observer=observer)
-    return _daemonize(config, logfile, pidfile or PIDFILE, quiet, observer)
+        return run(config, log, pidfile=None, status_fd=None)
+    return _daemonize(config, log, pidfile or PIDFILE, quiet)
 
 
-def open_logfile(config: WorkerConfig) -> LogFile:
-    """``twistd.log`` as the reference opens it: the tac's LogFile, or twistd's default."""
-    path = os.path.join(config.basedir, LOGFILE)
-    if config.log_rotate:
-        logfile: LogFile = LogFile.fromFullPath(
-            path, rotateLength=config.rotate_length, maxRotatedFiles=config.max_rotated_files
-        )
-        return logfile
-    # Without the tac's log block twistd opens --logfile=twistd.log with LogFile's
-    # defaults (rotate at 1 MB, keep every old file) and rotates on SIGUSR1.
-    logfile = LogFile.fromFullPath(path)
-    return logfile
+@dataclasses.dataclass
+class LogDestination:
+    """Where the worker's log goes: the observer, and the file or stream it writes to."""
+
+    observer: Any  # a twisted.logger.ILogObserver
+    #: None: the tac's own observer, which owns where it writes
+    stream: LogFile | TextIO | None
+    #: the file ``start`` follows for ``attached``; None for stdout or the tac's observer
+    path: str | None
+    #: rotate on SIGUSR1 (twistd does so for its own ``--logfile``, not for the tac's)
+    rotate_on_usr1: bool
+
+    def close(self) -> None:
+        if isinstance(self.stream, LogFile):
+            self.stream.close()
+        elif self.stream is not None:
+            self.stream.flush()
+
+
+def open_log(
+    config: WorkerConfig, logfile: str | None = None, tac_observer: Any = None
+) -> LogDestination:
+    """Where the worker logs: the one place that decides it.
+
+    * ``logfile == "-"`` (``--logfile -``, foreground only): standard output, in twistd's
+      text format;
+    * else, a log observer the tac installed itself (``tac_observer``: stdout in the
+      container image's tac, a file of its own, ...) unless ``--logfile`` names a file: it
+      is used as it is, as twistd uses it (a legacy observer wrapped);
+    * the tac's log block (``rotateLength``/``maxRotatedFiles``): a ``LogFile`` with them at
+      ``logfile`` or ``twistd.log``, written by the tac's legacy ``FileLogObserver``;
+    * no log block (``create-worker -n``): twistd's own ``--logfile``: a ``LogFile`` with its
+      defaults (rotate at 1 MB, keep every old file, SIGUSR1 rotates), twistd's
+      ``textFileLogObserver`` format.
+
+    ``log_format = 'json'`` changes the observer, not the destination. Raises OSError if
+    the file cannot be opened.
+    """
+    from twisted.logger import LegacyLogObserverWrapper, textFileLogObserver
+    from twisted.python import log as legacy_log
+
+    if tac_observer is not None and logfile is None:
+        if not ILogObserver.providedBy(tac_observer):
+            tac_observer = LegacyLogObserverWrapper(tac_observer)
+        return LogDestination(tac_observer, None, None, rotate_on_usr1=False)
+    stream: LogFile | TextIO
+    path: str | None = None
+    if logfile == STDOUT:
+        stream = sys.stdout
+    else:
+        path = os.path.join(config.basedir, logfile or LOGFILE)
+        if config.log_rotate:
+            stream = LogFile.fromFullPath(
+                path, rotateLength=config.rotate_length, maxRotatedFiles=config.max_rotated_files
+            )
+        else:
+            stream = LogFile.fromFullPath(path)
+    observer: Any
+    if config.log_format == "json":
+        observer = JSONLineObserver(stream)
+    elif config.log_rotate and path is not None:
+        # the tac's: FileLogObserver(LogFile(...)).emit; a legacy observer is a plain
+        # callable, which Twisted annotates as ILogObserver
+        emit = legacy_log.FileLogObserver(stream).emit
+        observer = LegacyLogObserverWrapper(emit)  # type: ignore[arg-type]
+    else:
+        # twistd passes its LogFile just so: it has the write/flush the observer uses
+        observer = textFileLogObserver(stream)  # type: ignore[arg-type]
+    return LogDestination(observer, stream, path,
+                          rotate_on_usr1=path is not None and not config.log_rotate)
 
 
 def _check_pid(pidfile: str) -> str | None:
@@ -156,13 +248,13 @@ def _check_pid(pidfile: str) -> str | None:
     )
 
 
-def _daemonize(
-    config: WorkerConfig, logfile: LogFile | None, pidfile: str, quiet: bool, observer: Any
-) -> int:
+def _daemonize(config: WorkerConfig, log: LogDestination, pidfile: str, quiet: bool) -> int:
     """Double-fork the worker away; the parent reports how the start went."""
-    log_offset = _file_size(LOGFILE)
-    if not quiet:
-        print("Following twistd.log until startup finished..")
+    # a daemon never logs to stdout (start_worker refuses it); with the tac's own observer
+    # there is no file of ours to follow, only the status pipe
+    log_offset = _file_size(log.path) if log.path is not None else 0
+    if not quiet and log.path is not None:
+        print(f"Following {os.path.basename(log.path)} until startup finished..")
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     read_fd, write_fd = os.pipe()
@@ -176,19 +268,18 @@ def _daemonize(
                 os._exit(0)
             _redirect_stdio_to_devnull()
             os.umask(DAEMON_UMASK)
-            rc = run(config, logfile, pidfile=pidfile, status_fd=write_fd, log_observer=observer)
+            rc = run(config, log, pidfile=pidfile, status_fd=write_fd)
         except BaseException as exc:  # nothing may escape a forked child
             _report_status(write_fd, _status_error(exc))
         finally:
             os._exit(rc)
     os.close(write_fd)
-    if logfile is not None:
-        logfile.close()
+    log.close()
     os.waitpid(pid, 0)
     try:
-        if quiet:
+        if quiet or log.path is None:
             return _wait_for_status(read_fd)
-        return _follow(read_fd, log_offset, pidfile)
+        return _follow(read_fd, log.path, log_offset, pidfile)
     finally:
         os.close(read_fd)
 
@@ -238,19 +329,19 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def _follow(read_fd: int, offset: int, pidfile: str) -> int:
-    """Tail ``twistd.log`` for up to 10 s waiting for the master's ``attached``."""
+def _follow(read_fd: int, logpath: str, offset: int, pidfile: str) -> int:
+    """Tail the log (``twistd.log``) for up to 10 s waiting for the master's ``attached``."""
     os.set_blocking(read_fd, False)
     deadline = time.monotonic() + START_TIMEOUT
     status: bytes | None = None
     pending = b""
     in_reconfig = False
     while True:
-        size = _file_size(LOGFILE)
+        size = _file_size(logpath)
         if size < offset:  # rotated or truncated: start from the top of the new file
             offset = 0
         if size > offset:
-            with open(LOGFILE, "rb") as f:
+            with open(logpath, "rb") as f:
                 f.seek(offset)
                 chunk = f.read(size - offset)
             offset += len(chunk)
@@ -275,7 +366,7 @@ def _follow(read_fd: int, offset: int, pidfile: str) -> int:
                 return 1
         elif not os.path.exists(pidfile):
             print(UNCONFIRMED_HINT)
-            print("The worker process exited; see twistd.log for the reason.")
+            print(f"The worker process exited; see {os.path.basename(logpath)} for the reason.")
             return 1
         if time.monotonic() >= deadline:
             print(TIMEOUT_HINT)
@@ -330,12 +421,11 @@ def json_log_record(event: Mapping[str, Any]) -> dict[str, Any]:
 
 @implementer(ILogObserver)
 class JSONLineObserver:
-    """A Twisted log observer writing :func:`json_log_record` lines to a :class:`LogFile`.
-
-    The LogFile rotates exactly as for the text format.
+    """A Twisted log observer writing :func:`json_log_record` lines to a :class:`LogFile`
+    (which rotates exactly as for the text format) or a stream.
     """
 
-    def __init__(self, logfile: LogFile) -> None:
+    def __init__(self, logfile: LogFile | TextIO) -> None:
         self.logfile = logfile
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -348,53 +438,34 @@ class JSONLineObserver:
 
 
 class _Logging:
-    """Twisted's global log going to ``twistd.log`` the way twistd sets it up, or to the
-    tac's own ``observer`` (then ``logfile`` is None)."""
+    """Twisted's global log going to a :class:`LogDestination` the way twistd sets it up."""
 
-    def __init__(
-        self,
-        logfile: LogFile | None,
-        rotate_on_usr1: bool,
-        log_format: str = "text",
-        observer: Any = None,
-    ) -> None:
-        from twisted.logger import LegacyLogObserverWrapper, globalLogBeginner
-        from twisted.python import log
+    def __init__(self, destination: LogDestination) -> None:
+        from twisted.logger import globalLogBeginner
 
-        self.logfile = logfile
+        self.destination = destination
         self.saved_stdio = (sys.stdout, sys.stderr)
-        self.observer: Any
-        if logfile is None:
-            # twistd: a new-style observer as it is, anything else as a legacy one
-            self.observer = observer if ILogObserver.providedBy(observer) else (
-                LegacyLogObserverWrapper(observer))
-            rotate_on_usr1 = False
-        elif log_format == "json":
-            self.observer = JSONLineObserver(logfile)
-        else:
-            # a legacy observer is a plain callable; Twisted annotates it as ILogObserver
-            emit = log.FileLogObserver(logfile).emit
-            self.observer = LegacyLogObserverWrapper(emit)  # type: ignore[arg-type]
-        globalLogBeginner.beginLoggingTo([self.observer], redirectStandardIO=True)
+        # the observer already holds the real stdout, if that is where it writes
+        globalLogBeginner.beginLoggingTo([destination.observer], redirectStandardIO=True)
         self.old_usr1: Any = None
-        if rotate_on_usr1 and not signal.getsignal(signal.SIGUSR1):
+        if destination.rotate_on_usr1 and not signal.getsignal(signal.SIGUSR1):
             self.old_usr1 = signal.signal(signal.SIGUSR1, self._rotate)
 
     def _rotate(self, signum: int, frame: object) -> None:
         from twisted.internet import reactor
 
-        assert self.logfile is not None
-        reactor.callFromThread(self.logfile.rotate)  # type: ignore[attr-defined]
+        stream = self.destination.stream
+        if isinstance(stream, LogFile):
+            reactor.callFromThread(stream.rotate)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
         from twisted.logger import globalLogPublisher
 
-        globalLogPublisher.removeObserver(self.observer)
+        globalLogPublisher.removeObserver(self.destination.observer)
         sys.stdout, sys.stderr = self.saved_stdio
         if self.old_usr1 is not None:
             signal.signal(signal.SIGUSR1, self.old_usr1)
-        if self.logfile is not None:
-            self.logfile.close()
+        self.destination.close()
 
 
 def _load_run_worker() -> RunWorker:
@@ -405,14 +476,12 @@ def _load_run_worker() -> RunWorker:
 
 def run(
     config: WorkerConfig,
-    logfile: LogFile | None,
+    log_destination: LogDestination,
     pidfile: str | None,
     status_fd: int | None,
     load_run_worker: Callable[[], RunWorker] | None = None,
-    log_observer: Any = None,
 ) -> int:
-    """Log to ``twistd.log`` (or the tac's ``log_observer``), record pid and hostname, run
-    the worker, clean up.
+    """Log to ``log_destination``, record pid and hostname, run the worker, clean up.
 
     ``status_fd`` (daemon mode) receives twistd's status: ``b"0"`` once the worker is
     about to run, ``b"1 <error>"`` if it could not get that far.
@@ -420,8 +489,7 @@ def run(
     from twisted.python import log
     from twisted.python.runtime import shortPythonVersion
 
-    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate,
-                       log_format=config.log_format, observer=log_observer)
+    logging = _Logging(log_destination)
     rc = 1
     failure: str | None = None
     try:
@@ -453,7 +521,10 @@ def run(
         log.msg("Server Shut Down.")
         logging.stop()
     if failure is not None:  # stderr is the terminal again (or /dev/null in a daemon)
-        print(f"pyworker: the worker failed ({failure}); see {LOGFILE}", file=sys.stderr)
+        where = log_destination.path or "the log above"
+        if os.path.dirname(where) == config.basedir:
+            where = os.path.basename(where)
+        print(f"pyworker: the worker failed ({failure}); see {where}", file=sys.stderr)
     return rc
 
 

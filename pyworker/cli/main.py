@@ -58,9 +58,25 @@ class StartOptions(MakerBase):
         ["quiet", "q", "Don't display startup log messages"],
         ["nodaemon", None, "Don't daemonize (stay in foreground)"],
     ]
+    optParameters = [
+        [
+            "logfile",
+            "l",
+            None,
+            "Log to this file instead of <basedir>/twistd.log ('-' for stdout, with "
+            "--nodaemon only), as twistd's --logfile; rotated as twistd.log",
+        ],
+    ]
 
     def getSynopsis(self) -> str:
-        return f"Usage:    {PROG} start [<basedir>]"
+        return f"Usage:    {PROG} start [--nodaemon] [--logfile <file>|-] [<basedir>]"
+
+    def postOptions(self) -> None:
+        MakerBase.postOptions(self)
+        if self["logfile"] == "":
+            raise usage.UsageError("--logfile needs a file name, or '-' for stdout")
+        if self["logfile"] not in (None, "-"):
+            self["logfile"] = os.path.abspath(self["logfile"])
 
 
 _STOP_LONGDESC = """
@@ -572,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyworker.cli import daemon
 
         if config.subCommand == "start":
-            return daemon.start(sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]))
+            return daemon.start(
+                sub["basedir"], bool(sub["quiet"]), bool(sub["nodaemon"]), sub["logfile"]
+            )
         if config.subCommand == "stop":
             if sub["graceful"]:
                 return daemon.stop_graceful(sub["basedir"], bool(sub["quiet"]), sub["timeout"])
