@@ -794,7 +794,7 @@ UNIT = REPO / "contrib" / "systemd" / "pyworker.service"
 def test_the_documented_drain_signal_is_the_front_ends() -> None:
     """The unit, the README and ``stop --help`` name the signal the front end drains on."""
     from pyworker.cli.main import StopOptions
-    from pyworker.frontend.worker import DRAIN_SIGNAL
+    from pyworker.config import DRAIN_SIGNAL
 
     name = DRAIN_SIGNAL.name
     assert f"#KillSignal={name}\n" in UNIT.read_text()

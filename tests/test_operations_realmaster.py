@@ -99,6 +99,23 @@ def test_drain_signal_lets_the_running_build_finish_then_exits(
     assert master.get("builds", buildrequestid=queued.brid)["builds"] == []
 
 
+def test_drain_signal_to_the_whole_process_group_lets_the_build_finish(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    """As ``tini -g`` or ``kill -USR2 -- -PGID`` send it: the executors, in the worker's
+    process group, survive it and the running build finishes."""
+    master = make_master({"short": SHORT})
+    worker = master.start_worker(pyworker_executable)
+    request = master.request_build("short")
+    master.wait_build_started(request, step="shell")
+    wait_for_process("sleep 3")
+    assert os.getpgid(worker.pid) == worker.pid
+    os.killpg(worker.pid, DRAIN_SIGNAL)
+    build = master.wait_build(request, timeout=60)
+    assert build.result == "SUCCESS", build.describe()
+    assert worker.wait(30) == 0
+
+
 def test_sigterm_during_a_drain_stops_at_once(
     make_master: MasterFactory, pyworker_executable: str
 ) -> None:

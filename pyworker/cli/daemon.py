@@ -29,7 +29,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from pyworker.cli.tac import TacError, check_worker_dir, load_tac
-from pyworker.config import REFERENCE_VERSION, WorkerConfig
+from pyworker.config import DRAIN_SIGNAL, REFERENCE_VERSION, WorkerConfig
 
 PIDFILE = "twistd.pid"
 LOGFILE = "twistd.log"
@@ -543,8 +543,6 @@ def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int
     The signal changes nothing for a worker already draining, so running this again only
     waits again. Raises :class:`WorkerNotRunning` if there is no pid file.
     """
-    from pyworker.frontend.worker import DRAIN_SIGNAL
-
     os.chdir(basedir)
     pid = _read_pid()
     if pid is None or not _signal(pid, DRAIN_SIGNAL):

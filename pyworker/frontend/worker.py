@@ -3,9 +3,9 @@
 :class:`Worker` builds the :class:`~pyworker.frontend.core.WorkerCore`, picks the wire
 protocol's link and reconnecting service (PB or msgpack), and owns what belongs to the
 process rather than to a protocol: the endpoint to the master, signals, the
-``allow_shutdown`` triggers (SIGHUP, ``shutdown.stamp``), the drain (:data:`DRAIN_SIGNAL`),
-the metrics endpoint and the orderly stop (commands silenced, connection closed, executors
-ended).
+``allow_shutdown`` triggers (SIGHUP, ``shutdown.stamp``), the drain
+(:data:`~pyworker.config.DRAIN_SIGNAL`), the metrics endpoint and the orderly stop
+(commands silenced, connection closed, executors ended).
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from pyworker import config as config_mod
+from pyworker.config import DRAIN_SIGNAL
 from pyworker.frontend import metrics
 from pyworker.frontend.core import Link, WorkerCore
 from pyworker.frontend.pool import ExecutorPool
 
 log = Logger()
-
-#: The signal that drains the worker (``pyworker stop --graceful``, or systemd's
-#: ``KillSignal=``, an image's ``STOPSIGNAL``). SIGTERM stops at once, as the reference's
-#: twistd does, so that supervisors and ``buildbot-worker``-era units behave as before.
-#: SIGUSR2 because nothing else means it here: SIGUSR1 rotates ``twistd.log`` (twistd's
-#: meaning, kept), SIGHUP is the reference's ``allow_shutdown='signal'``, SIGINT and
-#: SIGQUIT stop, and SIGWINCH would drain a ``start --nodaemon`` whose terminal is resized.
-DRAIN_SIGNAL = signal.SIGUSR2
 
 
 class Worker:
@@ -153,7 +146,7 @@ class Worker:
         return True
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM, SIGINT and SIGQUIT stop at once; :data:`DRAIN_SIGNAL` drains.
+        """SIGTERM, SIGINT and SIGQUIT stop at once; ``DRAIN_SIGNAL`` (SIGUSR2) drains.
 
         Replaces the handlers the reactor installed (SIGTERM, SIGINT: the same stop).
         """
