@@ -48,19 +48,20 @@ def _build_results(master: RealMaster, request: BuildRequest) -> list[str]:
 
 
 def test_sigterm_stops_at_once_and_the_build_is_retried(
-    make_master: MasterFactory, pyworker_executable: str
+    make_master: MasterFactory, worker_executable: str
 ) -> None:
-    """SIGTERM is the reference's stop: the command is killed, the build is RETRY (not
-    waited for), and the master runs it again once the worker is back."""
+    """SIGTERM stops at once, as the reference's does: the command is killed, the build is
+    RETRY (not waited for), and the master runs it again once the worker is back."""
     master = make_master({"once": ONCE_THEN_OK})
-    worker = master.start_worker(pyworker_executable)
+    worker = master.start_worker(worker_executable)
     request = master.request_build("once")
     master.wait_build_started(request, step="shell")
     wait_for_process("sleep 301")
     os.kill(worker.pid, signal.SIGTERM)
-    assert worker.wait(30) == 0
+    # twistd re-raises the signal once stopped; pyworker exits 0 (README: Differences)
+    reference = os.path.basename(worker_executable) == "buildbot-worker"
+    assert worker.wait(30) == (-signal.SIGTERM if reference else 0)
     wait_for_process("sleep 301", gone=True, timeout=10)
-    assert "received SIGTERM: stopping now" in worker.twistd_log.read_text()
     worker.start()  # the same basedir: the retry finds the first run's mark
     build = master.wait_build(request, timeout=90)
     assert build.result == "SUCCESS", build.describe()
