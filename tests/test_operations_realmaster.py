@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import MasterFactory
-from realmaster import BuildRequest, BuildResult, RealMaster, wait_for, wait_for_process
+from realmaster import (
+    MSGPACK_PROTOCOL,
+    BuildRequest,
+    BuildResult,
+    RealMaster,
+    wait_for,
+    wait_for_process,
+)
 
 #: The documented drain signal (README "Draining", contrib/systemd/pyworker.service).
 DRAIN_SIGNAL = signal.SIGUSR2
@@ -115,6 +122,23 @@ def test_drain_signal_to_the_whole_process_group_lets_the_build_finish(
     build = master.wait_build(request, timeout=60)
     assert build.result == "SUCCESS", build.describe()
     assert worker.wait(30) == 0
+
+
+def test_drain_signal_over_msgpack_stops_at_once(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    """msgpack cannot ask the master for a graceful shutdown (PROTOCOL.md appendix A): the
+    drain signal stops the worker as SIGTERM does, and the master retries the build."""
+    master = make_master({"long": LONG}, msgpack=True)
+    worker = master.start_worker(pyworker_executable, protocol=MSGPACK_PROTOCOL)
+    request = master.request_build("long")
+    buildid = master.wait_build_started(request, step="shell")
+    wait_for_process("sleep 301")
+    os.kill(worker.pid, DRAIN_SIGNAL)
+    assert worker.wait(15) == 0
+    wait_for_process("sleep 301", gone=True, timeout=10)
+    assert "No active connection, shutting down NOW" in worker.twistd_log.read_text()
+    assert _finished_build(master, buildid).result == "RETRY"
 
 
 def test_sigterm_during_a_drain_stops_at_once(
