@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 from typing import Literal, TypeAlias
 
 #: The version we report to the master (``getWorkerInfo()['version']``, ``getVersion``).
@@ -31,6 +32,15 @@ LOWEST_LEVEL = {"gz": 0, "bz2": 1}
 MAX_COMPRESS_THREADS = 64
 
 LOG_FORMATS = ("text", "json")
+
+#: The signal that drains a worker (``pyworker stop --graceful``, or what an operator names
+#: in systemd's ``KillSignal=`` or an image's ``STOPSIGNAL``): no new builds, the running
+#: ones finish, then exit. SIGTERM stops at once, as the reference's twistd does, so that
+#: supervisors and ``buildbot-worker``-era units behave as before. SIGUSR2 because nothing
+#: else means it here: SIGUSR1 rotates ``twistd.log`` (twistd's meaning, kept), SIGHUP is
+#: the reference's ``allow_shutdown='signal'``, SIGINT and SIGQUIT stop, and SIGWINCH would
+#: drain a ``start --nodaemon`` whose terminal is resized.
+DRAIN_SIGNAL = signal.SIGUSR2
 
 # ---------------------------------------------------------------------------------------
 # pyworker's own settings

@@ -20,7 +20,7 @@ def _is_open(fd: int) -> bool:
 
 
 def main() -> None:
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR2):
         print(f"probe {sig.name}={NAMES.get(signal.getsignal(sig), 'other')}")
     blocked = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
     print(f"probe blocked={blocked}")

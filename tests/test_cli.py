@@ -41,11 +41,10 @@ def fake_run_worker(config):
     if mode == "attach":
         log.msg("message from master: attached")
     stop = []
-    def on_term(*args):
-        # like the real front end: the first SIGTERM drains, a second one stops at once
-        stop.append("graceful" if not stop else "immediate")
-    signal.signal(signal.SIGTERM, on_term)
+    # like the real front end: SIGTERM or SIGQUIT stops at once, SIGUSR2 drains
+    signal.signal(signal.SIGTERM, lambda *args: stop.append("immediate"))
     signal.signal(signal.SIGQUIT, lambda *args: stop.append("immediate"))
+    signal.signal(signal.SIGUSR2, lambda *args: stop.append("graceful"))
     drain = {drain!r}
     while not stop or (stop[-1] == "graceful" and drain != 0):
         time.sleep(0.02)
@@ -552,7 +551,7 @@ def test_stop_stale_and_garbage_pid(tmp_path: Path) -> None:
 
 
 def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process ignoring SIGQUIT/SIGTERM: 'never saw process go away' (in-process)."""
+    """A process ignoring SIGTERM: 'never saw process go away' (in-process)."""
     from pyworker.cli import daemon
 
     basedir = tmp_path / "w"
@@ -563,7 +562,6 @@ def test_stop_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "-c",
             "import signal, time\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "signal.signal(signal.SIGQUIT, signal.SIG_IGN)\n"
             "print(1, flush=True)\ntime.sleep(30)",
         ],
         stdout=subprocess.PIPE,
@@ -753,14 +751,14 @@ def test_stop_immediate_and_graceful(tmp_path: Path, daemons: None) -> None:
     create(exe, basedir)
     log = basedir / "twistd.log"
 
-    # stop: SIGQUIT, the reference's messages
+    # stop: SIGTERM, the reference's messages
     assert run(exe, "start", "-q", str(basedir)).returncode == 0
     pid = _pid(basedir)
     result = run(exe, "stop", str(basedir))
     assert (result.returncode, result.stdout) == (0, f"worker process {pid} is dead\n")
     assert log.read_text().count("fake front end stopping (immediate)") == 1
 
-    # stop --graceful: SIGTERM, waits for the whole drain, reports while it lasts
+    # stop --graceful: SIGUSR2, waits for the whole drain, reports while it lasts
     assert run(exe, "start", "-q", str(basedir)).returncode == 0
     pid = _pid(basedir)
     started = time.monotonic()
@@ -797,10 +795,10 @@ def test_stop_graceful_timeout(tmp_path: Path, daemons: None) -> None:
         result.stdout
     )
     assert not gone(pid)
-    # again: no second SIGTERM (that would mean "stop now"), it waits for the same drain
+    # again: the drain signal again, and it waits for the same drain
     result = run(exe, "stop", "--graceful", "--timeout", "0.3", str(basedir))
     assert result.returncode == 1
-    assert result.stdout.startswith(f"worker process {pid} is still draining: running builds")
+    assert result.stdout.startswith(f"worker process {pid} is draining: running builds")
     assert not gone(pid)
     # restart --graceful --timeout gives up too, and starts nothing
     result = run(exe, "restart", "--graceful", "--timeout=0.5", str(basedir))
@@ -811,10 +809,48 @@ def test_stop_graceful_timeout(tmp_path: Path, daemons: None) -> None:
     assert (result.returncode, result.stdout) == (0, f"worker process {pid} is dead\n")
     log = (basedir / "twistd.log").read_text()
     assert "fake front end stopping (immediate)" in log
-    assert not (basedir / "pyworker.draining").exists()
     for bad in ("--timeout=soon", "--timeout=0"):
         result = run(exe, "stop", "--graceful", bad, str(basedir))
         assert result.returncode == 1 and "timeout parameter needs to be" in result.stdout
+
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "contrib" / "systemd" / "pyworker.service"
+
+
+def test_the_documented_drain_signal_is_the_front_ends() -> None:
+    """The unit, the README and ``stop --help`` name the signal the front end drains on."""
+    from pyworker.cli.main import StopOptions
+    from pyworker.config import DRAIN_SIGNAL
+
+    name = DRAIN_SIGNAL.name
+    assert f"#KillSignal={name}\n" in UNIT.read_text()
+    assert f"`KillSignal={name}`" in (REPO / "README.md").read_text()
+    assert f"sent {name} and drains" in " ".join(StopOptions.longdesc.split())
+    assert "contrib/systemd/pyworker.service" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("variant", ["as-shipped", "draining"])
+def test_systemd_unit_verifies(tmp_path: Path, variant: str) -> None:
+    """``systemd-analyze verify`` accepts the unit, with its drain lines uncommented too."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze")
+    text = UNIT.read_text()
+    # verify wants ExecStart's program to exist: point it at the pyworker under test
+    exe = shutil.which("pyworker", path=os.path.dirname(sys.executable)) or sys.executable
+    assert "ExecStart=/usr/bin/pyworker " in text
+    text = text.replace("ExecStart=/usr/bin/pyworker ", f"ExecStart={exe} ")
+    if variant == "draining":
+        assert "\n#KillSignal=" in text and "\n#TimeoutStopSec=" in text
+        text = text.replace("\n#KillSignal=", "\nKillSignal=")
+        text = text.replace("\n#TimeoutStopSec=", "\nTimeoutStopSec=")
+    unit = tmp_path / "pyworker.service"
+    unit.write_text(text)
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                            timeout=60)
+    # verify exits 0 on a setting it cannot parse ("..., ignoring"): any message is a failure
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 def test_json_log_format(tmp_path: Path) -> None:

@@ -126,12 +126,14 @@ def test_commands_inherit_what_the_reference_gives_them(
     reference = _probe(master, f"probe-{tty}-ref{suffix}")
     ours = _probe(master, f"probe-{tty}-py{suffix}")
     assert ours == reference
-    assert len(ours) == 8, ours  # SigBlk, SigIgn, four dispositions, mask, descriptors
+    assert len(ours) == 9, ours  # SigBlk, SigIgn, five dispositions, mask, descriptors
     sig_ign = int(next(x for x in ours if x.startswith("SigIgn:")).split()[1], 16)
     assert not sig_ign & (1 << (2 - 1)), f"SIGINT ignored: {ours}"
     assert "probe SIGINT=default" in ours
     # the reference's spawnProcess resets every ignored signal, nohup's SIGHUP included
     assert "probe SIGHUP=default" in ours
+    # the executor's handler for the drain signal (sent to its process group) is not inherited
+    assert "probe SIGUSR2=default" in ours
     assert "probe fds=[0, 1, 2]" in ours
 
 

@@ -363,9 +363,9 @@ def test_nothing_survives_a_stopped_command(
             elif kind == "lost-connection":
                 assert proxy.cut() >= 1
             else:
-                # stop now: SIGQUIT (SIGTERM drains); to the front end alone, not its group
+                # stop now: SIGTERM, as `pyworker stop`; to the front end alone, not its group
                 assert worker.proc is not None
-                os.kill(worker.pid, signal.SIGQUIT)
+                os.kill(worker.pid, signal.SIGTERM)
                 assert worker.proc.wait(20) == 0
                 assert wait_gone(sleeper) == [], "the worker stop left the command running"
                 worker.start()
@@ -617,7 +617,7 @@ def test_worker_restarted_during_a_build(
     master.wait_for_log(buildid, "shell", "stdio", "line 20")
     assert worker.proc is not None
     pid = worker.pid
-    os.kill(pid, signal.SIGQUIT)
+    os.kill(pid, signal.SIGTERM)
     assert worker.proc.wait(20) == 0
     assert [p.cmdline for p in descendants() if "while :" in p.cmdline] == []
     worker.start()

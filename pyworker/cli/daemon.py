@@ -29,13 +29,12 @@ Why not Twisted's own runners (checked against Twisted 25.5 and 26.10):
   on SIGUSR1 as twistd installs it), the observers (the tac's legacy ``FileLogObserver``,
   twistd's ``textFileLogObserver``) and ``globalLogBeginner``.
 
-Differences, all opt-in or forced by the front end's signal semantics (SIGTERM = graceful
-drain, SIGQUIT or a second SIGTERM = immediate stop): ``stop`` sends SIGQUIT (the
-reference's immediate stop, same messages and 10 s wait); ``stop --graceful`` sends SIGTERM
-and waits for the drain without a time limit (``--timeout``); ``log_format = 'json'`` in the
-tac writes one JSON object per line instead of twistd's text lines; ``start --logfile``
-(twistd's option, which ``buildbot-worker start`` does not take) wins over the tac's log
-block, where in twistd the tac's observer would win and ``--logfile -`` would do nothing.
+Differences, all opt-in: ``stop --graceful`` sends the front end's drain signal (SIGUSR2)
+where the reference only has SIGTERM (stop now), and waits for the drain without a time
+limit (``--timeout``); ``log_format = 'json'`` in the tac writes one JSON object per line
+instead of twistd's text lines; ``start --logfile`` (twistd's option, which
+``buildbot-worker start`` does not take) wins over the tac's log block, where in twistd the
+tac's observer would win and ``--logfile -`` would do nothing.
 """
 
 from __future__ import annotations
@@ -56,12 +55,9 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from pyworker.cli.tac import TacError, check_worker_dir, load_tac
-from pyworker.config import REFERENCE_VERSION, WorkerConfig
+from pyworker.config import DRAIN_SIGNAL, REFERENCE_VERSION, WorkerConfig
 
 PIDFILE = "twistd.pid"
-#: Written by ``stop --graceful`` (the pid it sent SIGTERM to), so that running it again
-#: waits for the same drain instead of sending the second SIGTERM (= stop now).
-DRAINING_FILE = "pyworker.draining"
 LOGFILE = "twistd.log"
 #: ``--logfile`` value that logs to standard output (``--nodaemon`` only), as in twistd.
 STDOUT = "-"
@@ -70,9 +66,8 @@ HOSTNAME_FILE = "twistd.hostname"
 ATTACHED = b"message from master: attached"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
-#: ``stop`` (and ``restart``) stop the worker at once with this signal; the front end
-#: treats SIGTERM as a graceful drain (see ``stop --help``).
-IMMEDIATE_SIGNAL = "QUIT"
+#: ``stop`` (and ``restart``) send this, as the reference does: the worker stops at once.
+IMMEDIATE_SIGNAL = "TERM"
 #: ``stop --graceful`` prints a "still draining" line this often (seconds).
 DRAIN_REPORT_INTERVAL = 30.0
 #: twistd's umask for daemons when none is configured.
@@ -135,7 +130,6 @@ def start_worker(basedir: str, quiet: bool, nodaemon: bool, logfile: str | None 
         if problem is not None:
             print(problem, file=sys.stderr)
             return 1
-        _remove_draining()  # left by a drain that ended without `stop` watching
     try:
         log = open_log(config, logfile, loaded.log_observer)
     except OSError as exc:
@@ -610,7 +604,7 @@ def _signal(pid: int, signum: int) -> bool:
 
 
 def stop_worker(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> int:
-    """Signal the worker of ``basedir`` (SIGQUIT: stop now) and wait up to 10 s for it.
+    """Signal the worker of ``basedir`` (SIGTERM: stop now) and wait up to 10 s for it.
 
     Messages and exit codes are the reference's. Raises :class:`WorkerNotRunning` if there
     is no pid file.
@@ -623,7 +617,6 @@ def stop_worker(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> i
     deadline = time.monotonic() + STOP_TIMEOUT
     while True:
         if not _alive(pid):
-            _remove_draining()
             if not quiet:
                 print(f"worker process {pid} is dead")
             return 0
@@ -636,35 +629,27 @@ def stop_worker(basedir: str, quiet: bool, signame: str = IMMEDIATE_SIGNAL) -> i
 
 
 def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int:
-    """SIGTERM the worker of ``basedir`` (graceful drain) and wait until it is gone.
+    """Send the worker of ``basedir`` the drain signal and wait until it is gone.
 
     No time limit unless ``timeout``; every :data:`DRAIN_REPORT_INTERVAL` seconds a line
     says it is still draining. On timeout: a message, exit 1, the worker keeps draining.
-    Raises :class:`WorkerNotRunning` if there is no pid file.
+    The signal changes nothing for a worker already draining, so running this again only
+    waits again. Raises :class:`WorkerNotRunning` if there is no pid file.
     """
     os.chdir(basedir)
     pid = _read_pid()
-    if pid is None:
+    if pid is None or not _signal(pid, DRAIN_SIGNAL):
         return 1
-    # A second SIGTERM would mean "stop now" to the front end: when an earlier
-    # ``stop --graceful`` already started this drain, only wait for it again.
-    already = _draining_pid() == pid and _alive(pid)
-    if not already:
-        if not _signal(pid, signal.SIGTERM):
-            return 1
-        _write_draining(pid)
     started = time.monotonic()
     if not quiet and _alive(pid):
-        state = "is still draining" if already else "is draining"
         print(
-            f"worker process {pid} {state}: running builds finish, no new ones start "
+            f"worker process {pid} is draining: running builds finish, no new ones start "
             f"(`{_prog()} stop` stops it now)",
             flush=True,
         )
     next_report = started + DRAIN_REPORT_INTERVAL
     while True:
         if not _alive(pid):
-            _remove_draining()
             if not quiet:
                 print(f"worker process {pid} is dead")
             return 0
@@ -684,29 +669,6 @@ def drain_worker(basedir: str, quiet: bool, timeout: float | None = None) -> int
                 )
             next_report += DRAIN_REPORT_INTERVAL
         time.sleep(0.1)
-
-
-def _draining_pid() -> int | None:
-    try:
-        with open(DRAINING_FILE) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_draining(pid: int) -> None:
-    try:
-        with open(DRAINING_FILE, "w") as f:
-            f.write(f"{pid}\n")
-    except OSError:
-        pass
-
-
-def _remove_draining() -> None:
-    try:
-        os.unlink(DRAINING_FILE)
-    except OSError:
-        pass
 
 
 def _prog() -> str:

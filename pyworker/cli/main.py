@@ -80,21 +80,23 @@ class StartOptions(MakerBase):
 
 
 _STOP_LONGDESC = """
-    Stopping: by default the worker stops immediately (it is sent SIGQUIT): running
-    commands are interrupted and their builds fail or are retried by the master; stop
-    waits up to 10 seconds for the process to go away, as buildbot-worker does.
+    Stopping: by default the worker stops immediately (it is sent SIGTERM, as
+    buildbot-worker's stop does): running commands are killed with their processes and
+    the master retries their builds; stop waits up to 10 seconds for the process to go
+    away, with the same messages as buildbot-worker.
 
-    With --graceful the worker is sent SIGTERM and drains: it asks the master for a
+    With --graceful the worker is sent SIGUSR2 and drains: it asks the master for a
     worker-initiated shutdown, takes no new builds, lets the running ones finish and
-    then exits (at once if it is idle or not connected). stop waits until the process
-    is gone, printing a line every 30 seconds while it drains; --timeout N gives up
-    waiting after N seconds (exit 1, the worker keeps draining). Running
-    `stop --graceful` again only waits again; a plain `stop` (or a second SIGTERM
-    sent by hand) during a drain stops the worker immediately.
+    then exits (at once if it is idle, not connected or on the msgpack protocol). stop
+    waits until the process is gone, printing a line every 30 seconds while it drains;
+    --timeout N gives up waiting after N seconds (exit 1, the worker keeps draining).
+    Running `stop --graceful` again only waits again; a plain `stop` during a drain
+    stops the worker immediately.
 
-    Signals: SIGTERM = graceful drain (first one), SIGQUIT or a second SIGTERM =
-    immediate stop. Operates upon the specified <basedir> (or the current directory,
-    if not specified).
+    Signals: SIGTERM, SIGINT or SIGQUIT = immediate stop; SIGUSR2 = graceful drain (for
+    systemd's KillSignal= or an image's STOPSIGNAL); SIGHUP = graceful shutdown with
+    --allow-shutdown=signal, as in buildbot-worker. Operates upon the specified
+    <basedir> (or the current directory, if not specified).
     """
 
 
@@ -116,7 +118,7 @@ class StopOptions(MakerBase):
         [
             "graceful",
             None,
-            "Let running builds finish and take no new ones, then exit (SIGTERM); "
+            "Let running builds finish and take no new ones, then exit (SIGUSR2); "
             "wait until the worker is gone",
         ],
     ]
@@ -145,7 +147,7 @@ class RestartOptions(MakerBase):
         [
             "graceful",
             None,
-            "Stop the old worker gracefully: let its running builds finish first (SIGTERM)",
+            "Stop the old worker gracefully: let its running builds finish first (SIGUSR2)",
         ],
     ]
     optParameters = [

@@ -29,7 +29,7 @@ from pyworker.executor.process import (
     on_sigterm,
     reset_signal_dispositions,
     set_process_options,
-    shield_from_terminal_interrupt,
+    shield_from_group_signals,
 )
 
 
@@ -87,7 +87,7 @@ def main() -> int:
     os.environ.pop("PYWORKER_IO", None)
     reset_signal_dispositions()
     signal.signal(signal.SIGTERM, on_sigterm)
-    shield_from_terminal_interrupt()
+    shield_from_group_signals()
     if os.getppid() == 1:
         return 1
     # Our stdout is the event pipe: nothing else may write to it.

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+from pyworker.config import DRAIN_SIGNAL
 from pyworker.executor.channel import FrontEndGone
 from pyworker.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 
@@ -73,14 +74,18 @@ def _set_default_disposition(signum: int) -> None:
     ctypes.CDLL(None, use_errno=True).syscall(number, signum, ctypes.byref(action), None, 8)
 
 
-def shield_from_terminal_interrupt() -> None:
-    """Let a ^C in the worker's terminal pass this executor by, without changing what the
-    commands we start inherit.
+def shield_from_group_signals() -> None:
+    """Let a ^C in the worker's terminal, or a drain signal sent to the worker's whole
+    process group, pass this executor by, without changing what the commands we start
+    inherit.
 
-    Under ``pyworker start --nodaemon`` the executors share the front end's process group, so
-    the terminal's SIGINT reaches them too; the front end handles it (stops at once, and
-    stopping kills the executors, which kill their commands), so an executor must not die of
-    it first. Commands run in their own process group or session and never get that SIGINT.
+    The executors share the front end's process group, so the terminal's SIGINT under
+    ``pyworker start --nodaemon`` reaches them too, and so does :data:`DRAIN_SIGNAL` when an
+    init (``tini -g``) or an operator (``kill -USR2 -- -PGID``) signals the group. The front
+    end handles both (SIGINT: it stops at once, and stopping kills the executors, which kill
+    their commands; the drain: the running commands must finish), so an executor must not
+    die of either first. Commands run in their own process group or session and never get
+    a group's signal.
 
     The obvious ``SIG_IGN`` is wrong: an ignored signal stays ignored across fork and exec, so
     every command would start with SIGINT ignored (``trap ... INT`` and ``KeyboardInterrupt``
@@ -91,12 +96,13 @@ def shield_from_terminal_interrupt() -> None:
     operator (or a harness) kills as a whole. ``SA_RESTART``: system calls the signal lands
     in are resumed, not failed with EINTR.
     """
-    signal.signal(signal.SIGINT, _terminal_interrupt)
-    signal.siginterrupt(signal.SIGINT, False)
+    for signum in (signal.SIGINT, DRAIN_SIGNAL):
+        signal.signal(signum, _front_end_handles_it)
+        signal.siginterrupt(signum, False)
 
 
-def _terminal_interrupt(signum: int, frame: object) -> None:
-    """The front end stops on this SIGINT and stops us with it; nothing to do here."""
+def _front_end_handles_it(signum: int, frame: object) -> None:
+    """The front end acts on this signal (and stops us if it stops); nothing to do here."""
 
 
 def on_sigterm(signum: int, frame: object) -> None:

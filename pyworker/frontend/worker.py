@@ -3,8 +3,9 @@
 :class:`Worker` builds the :class:`~pyworker.frontend.core.WorkerCore`, picks the wire
 protocol's link and reconnecting service (PB or msgpack), and owns what belongs to the
 process rather than to a protocol: the endpoint to the master, signals, the
-``allow_shutdown`` triggers (SIGHUP, ``shutdown.stamp``), the drain, the metrics endpoint
-and the orderly stop (commands silenced, connection closed, executors ended).
+``allow_shutdown`` triggers (SIGHUP, ``shutdown.stamp``), the drain
+(:data:`~pyworker.config.DRAIN_SIGNAL`), the metrics endpoint and the orderly stop
+(commands silenced, connection closed, executors ended).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from pyworker import config as config_mod
+from pyworker.config import DRAIN_SIGNAL
 from pyworker.frontend import metrics
 from pyworker.frontend.core import Link, WorkerCore
 from pyworker.frontend.pool import ExecutorPool
@@ -127,45 +129,52 @@ class Worker:
             self.graceful_shutdown()
             self._shutdown_mtime = os.path.getmtime(stamp)
 
-    def graceful_shutdown(self) -> Any:
-        """Ask the master to let running builds finish, then shut us down."""
+    def graceful_shutdown(self) -> bool:
+        """Ask the master to let running builds finish, then shut us down.
+
+        With no master to ask (not connected, or msgpack: PROTOCOL.md appendix A) the
+        worker stops now; False then.
+        """
         d = self.link.ask_master_to_drain() if self.link is not None else None
         if d is None:
             log.info("No active connection, shutting down NOW")
             self.stop()
-            return None
+            return False
         log.info("Telling the master we want to shutdown after any running builds are finished")
         d.addErrback(lambda f: log.info('callRemote("shutdown") failed: {f}',
                                         f=f.getErrorMessage()))
-        return d
+        return True
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM drains (running builds finish, no new ones start); a second SIGTERM,
-        SIGQUIT or SIGINT stops at once. Replaces the handlers the reactor installed."""
+        """SIGTERM, SIGINT and SIGQUIT stop at once; ``DRAIN_SIGNAL`` (SIGUSR2) drains.
+
+        Replaces the handlers the reactor installed (SIGTERM, SIGINT: the same stop).
+        """
         call = self.reactor.callFromThread
-        signal.signal(signal.SIGTERM, lambda *_: call(self._on_sigterm))
-        signal.signal(signal.SIGQUIT, lambda *_: call(self._stop_now, "SIGQUIT"))
-        signal.signal(signal.SIGINT, lambda *_: call(self._stop_now, "SIGINT"))
+
+        def on_signal(signum: int, frame: object) -> None:
+            if signum == DRAIN_SIGNAL:
+                call(self._drain)
+            else:
+                call(self._stop_now, signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, DRAIN_SIGNAL):
+            signal.signal(signum, on_signal)
 
     def _stop_now(self, why: str) -> None:
         log.info("received {why}: stopping now", why=why)
         self.stop()
 
-    def _on_sigterm(self) -> None:
+    def _drain(self) -> None:
+        """Take no new builds, let the running ones finish, then exit (the master's
+        graceful shutdown of this worker); a drain already under way goes on."""
         if self.core.draining:
-            self._stop_now("a second SIGTERM")
+            log.info("received {sig} again: still draining", sig=DRAIN_SIGNAL.name)
             return
-        d = self.link.ask_master_to_drain() if self.link is not None else None
-        if d is None:
-            # not connected, or a protocol that cannot drain (msgpack: PROTOCOL.md A)
-            self._stop_now("SIGTERM")
-            return
-        log.info("received SIGTERM: draining (no new builds; running builds finish; "
-                 "SIGQUIT or a second SIGTERM stops at once)")
-        log.info("Telling the master we want to shutdown after any running builds are finished")
-        self.core.draining = True
-        d.addErrback(lambda f: log.info('callRemote("shutdown") failed: {f}',
-                                        f=f.getErrorMessage()))
+        log.info("received {sig}: draining (no new builds; running builds finish; "
+                 "SIGTERM stops at once)", sig=DRAIN_SIGNAL.name)
+        # while draining, losing the master stops the worker instead of reconnecting
+        self.core.draining = self.graceful_shutdown()
 
     def stop(self, exit_code: int | None = None) -> None:
         if exit_code is not None:
