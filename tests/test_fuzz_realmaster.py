@@ -499,6 +499,9 @@ def _assert_all_free(master: RealMaster, worker: WorkerProcess, fuzz_dir: Path) 
     assert [b.result for b in builds] == ["SUCCESS"] * LANES, [b.describe() for b in builds]
     assert all(b.step("fuzz").stream() == "free\n" for b in builds), builds[0].describe()
     _assert_serving(master, worker, "the last builds")
+    # no executor died under a command: whatever the arguments, a command ends by itself
+    metrics = _metrics(worker)
+    assert metrics["pyworker_executors_died_total"] == 0, metrics
     wait_for(
         lambda: [p for p in descendants(worker.pid) if "pyworker.executor" not in p.cmdline]
         == [] or None,
