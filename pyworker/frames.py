@@ -17,8 +17,12 @@ Front end -> executor
 Executor -> front end
     ``UPDATE``     marshal ``list[(key, value)]``: non-text updates (``rc``, ``elapsed``, ...).
     ``TEXT``       raw UTF-8: text for the stream named by ``channel`` (``TEXT_CHANNELS``);
-                   always whole lines, except at a command's final flush.
-    ``LOG``        marshal ``(logname, text)``: text of a watched logfile.
+                   always whole lines, except at a command's final flush. The executor
+                   sends at most ``TEXT_FRAME_BYTES`` of text per ``TEXT``/``LOG`` frame it
+                   frames itself (:func:`split_text`); its I/O core's pumps send what one
+                   read decodes to.
+    ``LOG``        marshal ``(logname, utf8_bytes)``: text of a watched logfile, whole lines
+                   as for ``TEXT``.
     ``COMPLETE``   marshal ``None`` or ``str``: the command ended (``str``: it failed, with
                    that message). The executor is idle again afterwards.
     ``CALL``       marshal ``(target, method, args)``: call ``method`` on the master's
@@ -57,6 +61,9 @@ CALL: Final = 20
 WRITE: Final = 21
 READ: Final = 22
 USAGE: Final = 23
+
+#: Most text bytes the executor puts in one ``TEXT``/``LOG`` frame of its own.
+TEXT_FRAME_BYTES: Final = 256 * 1024
 
 #: Text streams carried by ``TEXT`` frames, by channel number.
 TEXT_CHANNELS: Final = ("header", "stdout", "stderr")
@@ -115,6 +122,31 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
         return len(self._buffer)
+
+
+def split_text(data: bytes, limit: int) -> list[bytes]:
+    """UTF-8 ``data`` in pieces of at most ``limit`` bytes, with no byte lost or added.
+
+    Each piece ends after the last newline that fits, so whole lines stay whole; a line
+    longer than ``limit`` is cut before a character's first byte, so every piece is valid
+    UTF-8 on its own (``limit`` must be at least 4).
+    """
+    if len(data) <= limit:
+        return [data]
+    pieces = []
+    start, end = 0, len(data)
+    while end - start > limit:
+        cut = data.rfind(b"\n", start, start + limit) + 1
+        if cut <= start:
+            cut = start + limit
+            while cut > start and data[cut] & 0xC0 == 0x80:  # back to a character's lead
+                cut -= 1
+            if cut == start:  # not UTF-8 at all: cut anywhere rather than loop
+                cut = start + limit
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
 
 
 def describe_usage(usage: dict[str, Any]) -> str:

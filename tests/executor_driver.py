@@ -102,6 +102,8 @@ class Result:
     """The updates of one command, in order, as ``(key, value)`` pairs."""
 
     def __init__(self, frames: list[tuple[int, int, bytes]]) -> None:
+        #: the size of each text frame's payload (``TEXT`` and ``LOG``)
+        self.text_frame_sizes = [len(p) for k, _, p in frames if k in (wire.TEXT, wire.LOG)]
         self.updates: list[tuple[str, Any]] = []
         self.failure: str | None = None
         self.usage: dict[str, Any] = {}
@@ -111,7 +113,8 @@ class Result:
             elif kind == wire.UPDATE:
                 self.updates.extend(marshal.loads(payload))
             elif kind == wire.LOG:
-                self.updates.append(("log", marshal.loads(payload)))
+                logname, data = marshal.loads(payload)
+                self.updates.append(("log", (logname, data.decode())))
             elif kind == wire.COMPLETE:
                 self.failure = marshal.loads(payload)
             elif kind == wire.USAGE:

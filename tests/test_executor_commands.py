@@ -217,6 +217,28 @@ def test_logfiles(ex: ExecutorDriver, tmp_path: Path) -> None:
     assert logs == "first\nsecond\n"
 
 
+def test_texts_of_any_size_travel_in_bounded_frames(ex: ExecutorDriver, tmp_path: Path) -> None:
+    """A header of 12 MB and a logfile written with one write of 3 MB arrive whole, in frames
+    of at most TEXT_FRAME_BYTES."""
+    from pyworker import frames
+
+    args = [f"{i:07d}" + "a" * 93 for i in range(120_000)]  # 12 MB: execve refuses it
+    r = shell(ex, tmp_path, ["true", *args], logEnviron=False)
+    assert " ".join(args) in r.text("header").replace("\n", "")
+    assert r.failure is None or "Argument list too long" in r.failure or r.rc != 0
+    make = "r = ''.join(f'line {i} ' + 'é' * (i % 3000) + '\\n' for i in range(2000))"
+    scope: dict[str, str] = {}
+    exec(make, scope)
+    report = scope["r"]
+    write = make + "; open('r.txt', 'w').write(r)"
+    r = shell(ex, tmp_path, [sys.executable, "-c", write], logfiles={"r": "r.txt"})
+    assert r.rc == 0
+    assert "".join(t for name, t in r.values("log") if name == "r").replace("\n", "") == (
+        report.replace("\n", ""))
+    assert max(r.text_frame_sizes) <= frames.TEXT_FRAME_BYTES
+    assert ex.run("shell", {"workdir": str(tmp_path), "command": ["true"]}).rc == 0
+
+
 def test_fs_commands(ex: ExecutorDriver, tmp_path: Path) -> None:
     d = tmp_path / "a" / "b"
     assert ex.run("mkdir", {"paths": [str(d)]}).rc == 0

@@ -47,3 +47,36 @@ def test_oversized_length_is_rejected() -> None:
 def test_bad_marshal_payload() -> None:
     with pytest.raises(wire.WireError):
         wire.load(b"\xff\x00garbage")
+
+
+# -- split_text: text in pieces that fit a frame and the master's wire -------------------------
+
+TEXTS = st.lists(st.sampled_from(["a", "é", "€", "𝄞", "\n", "\ufffd", "xyz\n"]), max_size=400)
+
+
+@given(TEXTS, st.integers(4, 64))
+def test_split_text_keeps_every_byte_and_each_piece_is_utf8(parts: list[str], limit: int) -> None:
+    data = "".join(parts).encode()
+    pieces = wire.split_text(data, limit)
+    assert b"".join(pieces) == data
+    assert all(len(p) <= limit for p in pieces)
+    assert all(p for p in pieces) or data == b""
+    for p in pieces:
+        p.decode("utf-8")  # a character is never cut in two
+
+
+@given(st.lists(st.text(alphabet="aé€\n", max_size=30).map(lambda s: s + "\n"), max_size=40),
+       st.integers(120, 400))
+def test_split_text_cuts_only_between_lines_when_lines_fit(lines: list[str], limit: int) -> None:
+    data = "".join(lines).encode()
+    for piece in wire.split_text(data, limit) if data else ():
+        assert piece.endswith(b"\n"), "a whole line was cut"
+
+
+def test_split_text_of_a_long_line_and_of_bytes_that_are_not_utf8() -> None:
+    line = ("€" * 1000).encode()  # 3000 bytes, no newline
+    pieces = wire.split_text(line, 100)
+    assert [len(p) for p in pieces[:-1]] == [99] * (len(pieces) - 1)
+    assert b"".join(pieces) == line
+    junk = b"\x80" * 50
+    assert b"".join(wire.split_text(junk, 8)) == junk

@@ -90,9 +90,7 @@ class Channel:
         splitter = self._splitters.get(key)
         if splitter is None:
             splitter = self._splitters[key] = LineSplitter()
-        lines = splitter.append(text)
-        if lines:
-            self.write(frames.frame(frames.TEXT, lines.encode("utf-8"), frames.CHANNEL_OF[key]))
+        self._send_lines(key, splitter.append(text))
 
     def pump(self, key: str, count_lines: bool = False) -> StreamPumpAPI:
         """The :class:`pyworker.iocore.StreamPump` of stream ``key`` for this command."""
@@ -109,12 +107,23 @@ class Channel:
         """Send text of a watched logfile through the splitter for that log name."""
         if not (self.running or force) or not text:
             return
-        splitter = self._splitters.get("log:" + name)
+        key = "log:" + name
+        splitter = self._splitters.get(key)
         if splitter is None:
-            splitter = self._splitters["log:" + name] = LineSplitter()
-        lines = splitter.append(text)
-        if lines:
-            self.write(frames.value_frame(frames.LOG, (name, lines)))
+            splitter = self._splitters[key] = LineSplitter()
+        self._send_lines(key, splitter.append(text))
+
+    def _send_lines(self, key: str, lines: str) -> None:
+        """Frame the text of stream ``key`` (``log:<name>`` for a logfile), in frames of at
+        most ``TEXT_FRAME_BYTES``: a header or a logfile write of any size fits the pipe's
+        frames and, later, the master's wire."""
+        if not lines:
+            return
+        for piece in frames.split_text(lines.encode("utf-8"), frames.TEXT_FRAME_BYTES):
+            if key.startswith("log:"):
+                self.write(frames.value_frame(frames.LOG, (key[4:], piece)))
+            else:
+                self.write(frames.frame(frames.TEXT, piece, frames.CHANNEL_OF[key]))
 
     def finish(self, failure: str | None) -> None:
         """Flush the unfinished lines of every stream (sorted by name, as the reference) and
@@ -122,13 +131,9 @@ class Channel:
         keys = set(self._splitters) | set(self._pumps)
         for key in sorted(keys, key=lambda k: k.removeprefix("log:")):
             splitter = self._splitters.get(key)
-            tail = splitter.flush() if splitter is not None else ""
-            if tail:  # flushed after an interrupt too, as the reference's completion does
-                if key.startswith("log:"):
-                    self.write(frames.value_frame(frames.LOG, (key[4:], tail)))
-                else:
-                    self.write(frames.frame(frames.TEXT, tail.encode("utf-8"),
-                                            frames.CHANNEL_OF[key]))
+            if splitter is not None:
+                # flushed after an interrupt too, as the reference's completion does
+                self._send_lines(key, splitter.flush())
             pump = self._pumps.get(key)
             if pump is not None:
                 pump.flush()

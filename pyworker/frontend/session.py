@@ -85,6 +85,9 @@ class CommandSession:
 
     def start(self) -> None:
         payload = marshal.dumps(self.request)  # ValueError for values we cannot carry
+        if len(payload) > frames.MAX_PAYLOAD:
+            raise ValueError(f"the command's arguments take {len(payload)} bytes, more than "
+                             f"the {frames.MAX_PAYLOAD} an executor takes")
         self.pool.acquire(self, lambda ex: self._started(ex, payload))
         STATS.command_started(self.name)
 
@@ -125,15 +128,15 @@ class CommandSession:
     def executor_frame(self, kind: int, channel: int, payload: bytes) -> None:
         if kind == frames.TEXT:
             if not self.silenced:
-                self._queue(frames.TEXT_CHANNELS[channel], payload.decode("utf-8"), len(payload))
+                self._queue_text(frames.TEXT_CHANNELS[channel], None, payload)
         elif kind == frames.UPDATE:
             if not self.silenced:
                 for key, value in frames.load(payload):
                     self._queue(key, value, 20)
         elif kind == frames.LOG:
             if not self.silenced:
-                logname, text = frames.load(payload)
-                self._queue("log", (logname, text), len(text))
+                logname, data = frames.load(payload)
+                self._queue_text("log", logname, data)
         elif kind == frames.COMPLETE:
             self._finish(frames.load(payload))
         elif kind == frames.USAGE:
@@ -158,6 +161,14 @@ class CommandSession:
         self._finish(f"{reason} while running command {self.command_id} ({self.name})")
 
     # -- updates -------------------------------------------------------------------------
+
+    def _queue_text(self, key: str, logname: str | None, data: bytes) -> None:
+        """Queue UTF-8 text of a stream (``logname`` for ``log``), in pieces of at most
+        ``BATCH_BYTES``: no text reaches the wire above Twisted's 640 KiB string limit,
+        whatever its source (a pump's read of invalid bytes triples in size)."""
+        for piece in frames.split_text(data, BATCH_BYTES):
+            text = piece.decode("utf-8")
+            self._queue(key, text if logname is None else (logname, text), len(piece))
 
     def _queue(self, key: str, value: Any, size: int) -> None:
         """Queue one update; text joins the previous entry of the same stream (up to a batch).

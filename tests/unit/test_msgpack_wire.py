@@ -270,7 +270,7 @@ def test_text_goes_out_as_whole_lines_and_complete_flushes_held_tails(master: Ma
     (update,) = master.received()
     assert update["args"] == [["stdout", ["def\n", [3], [NOW]]]]
     master.send({"op": "response", "seq_number": update["seq_number"], "result": None})
-    session.executor_frame(*value_frame(frames.LOG, ("build.log", "partial")))
+    session.executor_frame(*value_frame(frames.LOG, ("build.log", b"partial")))
     assert master.received() == [], "a text with no whole line sends nothing"
     session.executor_frame(*value_frame(frames.COMPLETE, None))
     flush, complete = master.received()

@@ -99,9 +99,9 @@ def test_one_update_carries_several_streams_in_their_order() -> None:
     run.text("err 1\n", "stderr")
     run.text("out 2\n")
     run.frame(frames.UPDATE, [("rc", 0)])
-    run.frame(frames.LOG, ("build.log", "log 1\n"))
-    run.frame(frames.LOG, ("build.log", "log 2\n"))
-    run.frame(frames.LOG, ("other.log", "other\n"))
+    run.frame(frames.LOG, ("build.log", b"log 1\n"))
+    run.frame(frames.LOG, ("build.log", b"log 2\n"))
+    run.frame(frames.LOG, ("other.log", b"other\n"))
     run.master.ack_update()
     assert run.master.updates[1] == [
         ("stdout", "out 1\n"),
@@ -328,3 +328,54 @@ def test_calls_writes_and_reads_are_relayed_and_answered() -> None:
     run.master.calls[-1][3].callback(b"payload")
     assert run.executor.sent[-1] == (frames.DATA, b"payload")
     assert metrics.STATS.bytes["download"] == 7
+
+
+# -- texts bigger than one update (Twisted refuses strings > 640 KiB) ----------------------------
+
+
+def _sent_texts(run: Run, key: str) -> list[str]:
+    """Acknowledge updates until none is in flight; the ``key`` texts, in order."""
+    while run.session.in_flight:
+        run.master.ack_update()
+    out = []
+    for update in run.master.updates:
+        for k, value in update:
+            if k == key:
+                out.append(value if key != "log" else value[1])
+    return out
+
+
+def test_one_frame_of_several_mib_goes_out_in_updates_below_the_limit() -> None:
+    run = Run()
+    text = "".join(f"line {i} {'€' * (i % 50)}\n" for i in range(40_000))  # ~3.5 MiB of UTF-8
+    run.text(text)  # one TEXT frame, as a pump's read of invalid bytes can make
+    sent = _sent_texts(run, "stdout")
+    assert "".join(sent) == text
+    assert len(sent) > 1
+    assert all(len(t.encode()) <= BATCH_BYTES for t in sent)
+    assert all(t.endswith("\n") for t in sent), "pieces end at line ends"
+
+
+def test_a_logfile_frame_of_several_mib_goes_out_in_updates_below_the_limit() -> None:
+    run = Run()
+    text = ("x" * 4095 + "\n") * 600  # 2.4 MiB written to a logfile at once
+    run.frame(frames.LOG, ("report.xml", text.encode()))
+    sent = _sent_texts(run, "log")
+    assert "".join(sent) == text
+    assert all(len(t.encode()) <= BATCH_BYTES for t in sent)
+    assert {value[0] for u in run.master.updates for k, value in u if k == "log"} == {
+        "report.xml"}
+
+
+def test_arguments_bigger_than_an_executor_takes_are_refused_before_any_executor() -> None:
+    pool = FakePool()
+    request = {"name": "shell", "args": {"command": ["x" * frames.MAX_PAYLOAD]},
+               "command_id": "8"}
+    session = CommandSession(pool, FakeMaster(), "shell", "8", request)
+    try:
+        session.start()
+    except ValueError as e:
+        assert "more than" in str(e)
+    else:
+        raise AssertionError("a request no executor can read was sent")
+    assert not pool.waiting, "it waits for an executor"
