@@ -23,7 +23,8 @@ writes of 2-6 MiB to stdout, stderr and a logfile (one line or many, multi-byte 
 invalid bytes) and headers over Twisted's 640 KiB string limit (7,000 arguments, 60 big
 environment variables). Each such shell command has a ``timeout`` and a ``maxTime`` and must
 succeed, with every character in the master's log (compared with newlines removed: worker
-and master cut lines at 4096 characters).
+and master cut lines at 4096 characters); arguments of 18 MB in all (over the 16 MiB an
+executor takes in one request) must be refused, readably.
 
 Over msgpack the 4.3.0 master translates the arguments itself (PROTOCOL.md appendix A.3: a
 missing or mistyped path key fails the step on the master) and its transfer ops are broken
@@ -277,14 +278,19 @@ ARG_TEMPLATE = "{:05d}" + "a" * 95
 #: 60 environment variables of 12 KB, with logEnviron on
 ENV_COUNT = 60
 ENV_VALUE = "{:02d}" + "v" * 12_000
+#: arguments of 600 KB for a request of 18 MB
+HUGE_ARGS = 30
 
 
 class BigCase:
     """One shell command whose output, logfile or header is a text of several MiB (or over
     640 KiB in one line), and what the master must have received of it."""
 
-    def __init__(self, what: str, args: dict[str, Any], logs: tuple[str, ...] = ()) -> None:
+    def __init__(self, what: str, args: dict[str, Any], logs: tuple[str, ...] = (),
+                 refused: str = "") -> None:
         self.what = what
+        #: set: the worker cannot run the command and must refuse it, saying this
+        self.refused = refused
         self.spec: dict[str, Any] = {"name": "shell", "logs": list(logs),
                                      "args": dict(VALID["shell"], **BIG_TIMERS, **args)}
         #: (log, line prefix, the text expected there with every newline removed)
@@ -294,6 +300,11 @@ class BigCase:
 
     def problems(self, build: BuildResult) -> list[str]:
         """What the build did not deliver of the text (empty: all of it, in order)."""
+        if self.refused:
+            text = build.step("fuzz").logs.get("err.text", "")
+            if build.result != "EXCEPTION" or self.refused not in text:
+                return [f"{build.result}, not refused with {self.refused!r}"]
+            return []
         if build.result != "SUCCESS":
             return [f"{build.result}, not SUCCESS"]
         step = build.step("fuzz")
@@ -328,7 +339,8 @@ def _write(rng: random.Random, unit: bytes) -> tuple[str, str]:
 
 def big_cases(rng: random.Random, python: str) -> list[BigCase]:
     """Single writes of 2-6 MiB (sizes from ``rng``) to stdout, stderr and a logfile; a
-    header over 640 KiB from 7,000 arguments, another from 60 big environment variables."""
+    header over 640 KiB from 7,000 arguments, another from 60 big environment variables;
+    arguments too big for an executor."""
     cases = []
     for what, unit in UNITS.items():
         write, text = _write(rng, unit)
@@ -364,6 +376,10 @@ def big_cases(rng: random.Random, python: str) -> list[BigCase]:
     case.texts.append(("stdio", "o", str(len(ENV_VALUE.format(0)))))
     case.in_header += [f"  {k}={v}" for k, v in env.items()]
     cases.append(case)
+    # arguments over the 16 MiB an executor takes in one request (each under 640 KiB)
+    cases.append(BigCase(f"{HUGE_ARGS} arguments of 600 KB", {"command": {
+        "$repeat": [["true"], "{:03d}" + "a" * 600_000, HUGE_ARGS]}},
+        refused="more than the 16777216 an executor takes"))
     return cases
 
 
@@ -622,8 +638,8 @@ def test_texts_of_several_mib_arrive_whole(
     master: RealMaster, worker: WorkerProcess, fuzz_dir: Path
 ) -> None:
     """Single writes of 2-6 MiB to stdout, stderr and a logfile, and headers over 640 KiB,
-    reach the master's logs with every character, each command within its timers; the
-    worker stays free."""
+    reach the master's logs with every character, each command within its timers; 18 MB of
+    arguments are refused; the worker stays free."""
     protocol = worker.protocol
     rng = random.Random(SEED)
     cases = big_cases(rng, sys.executable)
@@ -639,7 +655,7 @@ def test_texts_of_several_mib_arrive_whole(
         for case, build in zip(batch, builds, strict=True):
             if problems := case.problems(build):
                 bad.append(f"{case.what}: " + "; ".join(problems)
-                           + (f"\n{build.describe()[:3000]}" if build.result != "SUCCESS" else ""))
+                           + f"\n{build.describe()[:3000]}")
         _assert_serving(master, worker, where)
     assert bad == [], "\n".join(bad)
     _assert_all_free(master, worker, fuzz_dir)
