@@ -760,7 +760,8 @@ static int emit_entry(iocore_tar *t, int is_root)
         return 1; /* socket etc.: tarfile skips it */
 
     if (e.type == '0' && e.size > 0) {
-        t->fd = open(t->path.p, O_RDONLY | O_CLOEXEC);
+        /* O_NONBLOCK: swapped for a FIFO since lstat, the open must not wait for a writer */
+        t->fd = open(t->path.p, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
         t->zero_fill = 0;
         if (t->fd < 0) {
             if (errno != ENOENT) {
@@ -768,6 +769,13 @@ static int emit_entry(iocore_tar *t, int is_root)
                 return -errno;
             }
             t->zero_fill = 1; /* vanished since lstat: zeros */
+        } else {
+            struct stat fst;
+            if (fstat(t->fd, &fst) < 0 || !S_ISREG(fst.st_mode)) {
+                close(t->fd); /* not that file any more (a FIFO, a device): zeros */
+                t->fd = -1;
+                t->zero_fill = 1;
+            }
         }
     }
     if (sb_set(&name, t->arc.p, t->arc.len) < 0 ||

@@ -206,6 +206,8 @@ class WorkerConfig:
     delete_leftover_dirs: bool = False
     proxy_connection_string: str | None = None
     protocol: str = PROTOCOL_PB
+    #: msgpack: the WebSocket URL's path (the Worker's ``path``; PB ignores it).
+    path: str | None = None
     # -- pyworker's own settings: one field per entry of SETTINGS, with its name and default
     # (checked when this module is imported); what each means is said there.
     restrict_paths: bool = False

@@ -401,14 +401,41 @@ def test_start_bad_dir_with_empty_environment(tmp_path: Path) -> None:
     assert result.stdout.startswith(f"unexpected content in '{tmp_path}/other/buildbot.tac'")
 
 
-def test_start_unreadable_tac_values(tmp_path: Path) -> None:
+def test_start_failing_tac(tmp_path: Path) -> None:
+    """A tac that raises: start exits 1 naming the tac, its line and the exception."""
     exe = launcher(tmp_path)
     create(exe, tmp_path / "w", passwd="TOPSECRET")
     tac = tmp_path / "w" / "buildbot.tac"
-    tac.write_text(tac.read_text().replace("'TOPSECRET'", "open('pw').read()"))
+    text = tac.read_text()
+    tac.write_text(text.replace("'TOPSECRET'", "open('pw').read()"))
+    line = text[: text.index("'TOPSECRET'")].count("\n") + 1
+    for nodaemon in (["--nodaemon"], []):
+        result = run(exe, "start", *nodaemon, str(tmp_path / "w"), env={})
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"pyworker: error in {tac} (line {line}): FileNotFoundError: [Errno 2] No such "
+            "file or directory: 'pw'\n"
+        )
+        assert not (tmp_path / "w" / "twistd.pid").exists()
+
+
+def test_start_uses_the_tacs_own_log_observer(tmp_path: Path) -> None:
+    """A tac's observer on a file of its own replaces twistd.log, as with twistd."""
+    exe = launcher(tmp_path, "exit0")
+    create(exe, tmp_path / "w", "-n")
+    tac = tmp_path / "w" / "buildbot.tac"
+    tac.write_text(tac.read_text().replace(
+        "application = service.Application('buildbot-worker')\n",
+        "application = service.Application('buildbot-worker')\n"
+        "from twisted.python.log import ILogObserver, FileLogObserver\n"
+        "os.mkdir('logs')\n"
+        "application.setComponent(ILogObserver, "
+        "FileLogObserver(open('logs/worker.log', 'a')).emit)\n",
+    ))
     result = run(exe, "start", "--nodaemon", str(tmp_path / "w"), env={})
-    assert result.returncode == 1
-    assert "'passwd'" in result.stderr and "cannot evaluate" in result.stderr
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "w" / "logs" / "worker.log").read_text()
+    assert "fake front end for WorkerConfig(" in log and "Server Shut Down." in log
     assert not (tmp_path / "w" / "twistd.log").exists()
 
 
@@ -597,11 +624,11 @@ def test_create_worker_pyworker_settings(tmp_path: Path) -> None:
     )
     # the reference's text, with the settings after its last variable
     assert tac == plain.replace("protocol = 'pb'\n", "protocol = 'pb'\n" + block)
-    config = load_tac(str(tmp_path / "w"))
+    config = load_tac(str(tmp_path / "w")).config
     assert (config.restrict_paths, config.metrics_port) == (True, 9101)
     assert (config.log_format, config.report_resources) == ("json", True)
     assert (config.gzip_level, config.bz2_level, config.compress_threads) == (3, 9, 2)
-    default = load_tac(str(tmp_path / "plain"))
+    default = load_tac(str(tmp_path / "plain")).config
     assert (default.restrict_paths, default.metrics_port) == (False, None)
     assert (default.log_format, default.report_resources) == ("text", False)
     assert (default.gzip_level, default.bz2_level, default.compress_threads) == ("auto", "auto",

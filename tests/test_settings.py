@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyworker.cli.main import CreateWorkerOptions, main
-from pyworker.cli.tac import TacError, TacOptions, load_tac, make_tac, parse_tac
+from pyworker.cli.tac import TacError, TacOptions, load_tac, make_tac, run_tac
 from pyworker.config import (
     AUTO_LEVEL,
     SETTINGS,
@@ -120,7 +120,7 @@ def test_round_trip(
         basedir = create(tmp_path / str(index), capsys, args)
         tac = (basedir / "buildbot.tac").read_text()
         plain = make_tac(TacOptions(str(basedir), "h", 1, "w", "pw"))
-        config = load_tac(str(basedir))
+        config = load_tac(str(basedir)).config
         assert getattr(config, setting.name) == expected, (args, tac)
         assert type(getattr(config, setting.name)) is type(expected)
         for other in SETTINGS:
@@ -144,7 +144,7 @@ def test_round_trip_all_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[st
         option_args, value = next((a, v) for a, v in good_values(setting) if v != setting.default)
         args += option_args
         expected[setting.name] = value
-    config = load_tac(str(create(tmp_path, capsys, args)))
+    config = load_tac(str(create(tmp_path, capsys, args))).config
     assert {name: getattr(config, name) for name in expected} == expected
     assert all(expected[s.name] != s.default for s in SETTINGS)
 
@@ -166,7 +166,7 @@ def tac_reason(tmp_path: Path, name: str, literal: str) -> str:
     text = make_tac(TacOptions(str(tmp_path), "h", 1, "w", "pw"))
     text = text.replace("protocol = 'pb'\n", f"protocol = 'pb'\n{name} = {literal}\n")
     with pytest.raises(TacError) as info:
-        parse_tac(text, path)
+        run_tac(text, path)
     return str(info.value)
 
 

@@ -1,10 +1,11 @@
-"""Tests for pyworker.cli.tac: the create-worker template and the non-executing tac loader."""
+"""Tests for pyworker.cli.tac: the create-worker template and the tac loader (runs the tac)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from pyworker.cli.tac import (
     check_worker_dir,
     load_tac,
     make_tac,
-    parse_tac,
     pyworker_settings,
+    run_tac,
     write_tac,
 )
 from pyworker.config import PROTOCOL_MSGPACK, WorkerConfig
@@ -152,7 +153,7 @@ def test_check_worker_dir(tmp_path: Path) -> None:
 
 def test_load_default_tac(tmp_path: Path) -> None:
     write(tmp_path, make_tac(TacOptions(str(tmp_path), "master.example", 9989, "w1", "s3cret")))
-    config = load_tac(str(tmp_path))
+    config = load_tac(str(tmp_path)).config
     assert config == WorkerConfig(
         basedir=str(tmp_path),
         workername="w1",
@@ -163,7 +164,7 @@ def test_load_default_tac(tmp_path: Path) -> None:
         maxdelay=300,
     )
     assert "s3cret" not in repr(config)
-    assert load_tac(str(tmp_path / "buildbot.tac")) == config
+    assert load_tac(str(tmp_path / "buildbot.tac")).config == config
 
 
 @needs_reference
@@ -185,7 +186,7 @@ def test_load_reference_written_tacs(tmp_path: Path) -> None:
         "wa",
         "pa",
     )
-    a = load_tac(str(tmp_path / "a"))
+    a = load_tac(str(tmp_path / "a")).config
     assert (a.master_host, a.port, a.workername, a.password) == ("::1", 4000, "wa", "pa")
     assert a.umask == 0o22 and a.keepalive is None and a.maxretries == 5
     assert a.use_tls and a.allow_shutdown == "signal" and not a.delete_leftover_dirs
@@ -203,7 +204,7 @@ def test_load_reference_written_tacs(tmp_path: Path) -> None:
         "pb",
     )
     shutil.move(tmp_path / "b", tmp_path / "moved")
-    b = load_tac(str(tmp_path / "moved"))
+    b = load_tac(str(tmp_path / "moved")).config
     assert b.basedir == str(tmp_path / "moved")
     assert (b.master_host, b.port, b.connection_string) == (None, None, "tcp:host=h:port=2")
     assert b.protocol == PROTOCOL_MSGPACK and b.delete_leftover_dirs
@@ -214,10 +215,11 @@ def test_load_reference_written_tacs(tmp_path: Path) -> None:
 def test_relocatable_and_relative_basedir(tmp_path: Path) -> None:
     opts = TacOptions("/somewhere/else", "h", 1, "n", "p", relocatable=True)
     write(tmp_path / "r", make_tac(opts))
-    assert load_tac(str(tmp_path / "r")).basedir == str(tmp_path / "r")
+    assert load_tac(str(tmp_path / "r")).config.basedir == str(tmp_path / "r")
     text = make_tac(TacOptions("sub", "h", 1, "n", "p"))
+    write(tmp_path / "rel" / "sub", "")  # the tac's LogFile opens sub/twistd.log
     write(tmp_path / "rel", text)
-    assert load_tac(str(tmp_path / "rel")).basedir == str(tmp_path / "rel" / "sub")
+    assert load_tac(str(tmp_path / "rel")).config.basedir == str(tmp_path / "rel" / "sub")
 
 
 HAND_EDITED = """
@@ -248,7 +250,7 @@ s.setServiceParent(application)
 
 
 def test_hand_edited_tac(tmp_path: Path) -> None:
-    config = load_tac(str(write(tmp_path, HAND_EDITED)))
+    config = load_tac(str(write(tmp_path, HAND_EDITED))).config
     assert config.basedir == str(tmp_path)
     assert (config.master_host, config.port) == ("ci.example.org", 9991)
     assert (config.workername, config.password) == ("worker-linux", "handwritten")
@@ -261,26 +263,113 @@ def test_hand_edited_tac(tmp_path: Path) -> None:
     )
 
 
-def test_template_variables_without_worker_call(tmp_path: Path) -> None:
-    text = make_tac(TacOptions(str(tmp_path), "h", 5, "n", "p", maxretries="7"))
-    text = text[: text.index("s = Worker(")]
-    config = load_tac(str(write(tmp_path, text)))
-    assert (config.master_host, config.port, config.maxretries) == ("h", 5, 7)
+def test_tac_runs_as_twistd_runs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment, a module next to the tac, a file, conditionals, an alias, a function."""
+    (tmp_path / "workerconf.py").write_text("MASTER = 'conf.example'\nPORT = 9000\n")
+    (tmp_path / "secret").write_text("from-a-file\n")
+    monkeypatch.setenv("TAC_WORKERNAME", "env-worker")
+    monkeypatch.setenv("TAC_KIND", "msgpack")
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p"))
+    text = text.replace("from buildbot_worker.bot import Worker", "import sys\n"
+                        "from buildbot_worker.bot import Worker as W\nimport workerconf")
+    text = text.replace("workername = 'n'", "workername = os.environ['TAC_WORKERNAME']")
+    text = text.replace("passwd = 'p'", "passwd = open('secret').read().strip()")
+    text = text.replace("port = 1\n", "port = workerconf.PORT + 1\n")
+    text = text.replace("buildmaster_host = 'h'", "buildmaster_host = workerconf.MASTER")
+    head, tail = text.split("s = Worker(")
+    tail = "s = W(" + tail.replace("s.setServiceParent(application)\n", "")
+    text = head + (
+        "cwd_seen = os.getcwd()\n"
+        "path_seen = sys.path[0]\n"
+        "def make():\n"
+        "    if os.environ.get('TAC_KIND') == 'msgpack':\n"
+        "        global protocol\n"
+        "        protocol = 'msgpack_experimental_v7'\n"
+        "        " + tail.replace("\n", "\n        ").rstrip() + "\n"
+        "        return s\n"
+        "make().setServiceParent(application)\n"
+        "del os.environ['TAC_KIND']\n"
+    )
+    text = text.replace("protocol=protocol,", "protocol=protocol, path='/ws',")
+    write(tmp_path, text)
+    cwd, path = os.getcwd(), list(sys.path)
+    loaded = load_tac(str(tmp_path))
+    assert (os.getcwd(), sys.path) == (cwd, path)  # both put back
+    assert "workerconf" in sys.modules and "buildbot_worker.bot" not in sys.modules
+    config = loaded.config
+    assert (config.master_host, config.port) == ("conf.example", 9001)
+    assert (config.workername, config.password) == ("env-worker", "from-a-file")
+    assert config.protocol == PROTOCOL_MSGPACK and config.path == "/ws"
+    assert "TAC_KIND" not in os.environ  # what the tac does to the environment stays
+    assert loaded.log_observer is None and config.log_rotate
+    del sys.modules["workerconf"]
+
+
+def test_stand_in_worker_only(tmp_path: Path) -> None:
+    """The tac's buildbot_worker is pyworker's, even where buildbot-worker is installed."""
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p"))
+    text += "import buildbot_worker\nimport buildbot_worker.pb\nFROM = buildbot_worker.__file__\n"
+    saved = sys.modules.get("buildbot_worker")
+    write(tmp_path, text)
+    with pytest.raises(TacError, match="AttributeError: module 'buildbot_worker' has no "
+                                       "attribute '__file__'"):
+        load_tac(str(tmp_path))
+    assert sys.modules.get("buildbot_worker") is saved
+
+
+def test_several_assignments_the_last_counts(tmp_path: Path) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p", settings={"metrics_port": 9100}))
+    text = text.replace("s = Worker(", "workername = 'second'\nmetrics_port = 9200\n"
+                        "keepalive = 0\ns = Worker(")
+    config = load_tac(str(write(tmp_path, text))).config
+    assert (config.workername, config.metrics_port, config.keepalive) == ("second", 9200, None)
+
+
+def test_tac_log_observer_is_handed_on(tmp_path: Path) -> None:
+    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p", no_logrotate=True))
+    text = text.replace("s = Worker(", "import sys\nfrom twisted.python.log import ILogObserver, "
+                        "FileLogObserver\napplication.setComponent(ILogObserver, "
+                        "FileLogObserver(sys.stdout).emit)\ns = Worker(")
+    loaded = load_tac(str(write(tmp_path, text)))
+    assert loaded.log_observer is not None
+    assert loaded.log_observer.__self__.write == sys.stdout.write
+    # create-worker's own block is not handed on: pyworker opens twistd.log itself
+    write(tmp_path, make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p", log_size=77)))
+    loaded = load_tac(str(tmp_path))
+    assert loaded.log_observer is None and loaded.config.rotate_length == 77
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (("passwd = 'SECRETPW'", "passwd = open('/etc/hostname').read()"), "'passwd'"),
-        (("passwd = 'SECRETPW'", "passwd = os.environ['WORKERPASS']"), "'passwd'"),
-        (("workername = 'n'", "if os.getuid():\n    workername = 'x'"), "'workername'"),
-        (("protocol = 'pb'", "protocol = 'carrier-pigeon'"), "Unknown protocol"),
-        (("port = 1", "port = 'abc'"), "port must be a number"),
+        (("passwd = 'SECRETPW'", "passwd = os.environ['PYWORKER_NO_SUCH_VAR']"),
+         "(line 32): KeyError: 'PYWORKER_NO_SUCH_VAR'"),
+        (("umask=umask,", "umask=umask, usePTY=1,"),
+         "TypeError: Worker(): got an unexpected keyword argument 'usePTY'"),
+        (("umask=umask,", "umask=umask, unicode_encoding='latin-1',"),
+         "unicode_encoding 'latin-1' is not supported"),
+        (("umask=umask,", "umask=umask, unicode_encoding='no-such-codec',"),
+         "unknown encoding 'no-such-codec'"),
+        (("protocol = 'pb'", "protocol = 'carrier-pigeon'"),
+         "ValueError: Unknown protocol carrier-pigeon"),
+        (("port = 1", "port = 'abc'"), "Worker(...) on line 44: port must be a number"),
         (("keepalive = 600", "keepalive = '600'"), "keepalive must be int or None"),
-        (("connection_string = None", "connection_string = 'tcp:h:1'"), "connection string"),
+        (("connection_string = None", "connection_string = 'tcp:h:1'"),
+         "AssertionError: If you want to supply a connection string"),
         (("workername = 'n'", "workername = ("), "syntax error"),
         ((TAC_MARKER, "Application('something-else')"), "not a buildbot worker tac"),
-        (("maxRotatedFiles = 10", "maxRotatedFiles = len([])"), "maxRotatedFiles"),
+        (("s.setServiceParent(application)", "pass"), "found no Worker"),
+        (("s.setServiceParent(application)", "s.setServiceParent(application)\n"
+          "Worker('h', 2, 'n', 'p', '.', 0).setServiceParent(application)"),
+         "found 2 Workers (created on lines 44, 52)"),
+        (("s.setServiceParent(application)", "s.setServiceParent(application)\n"
+          "from twisted.application.internet import TimerService\n"
+          "TimerService(1, print).setServiceParent(application)"),
+         "the application has a TimerService service; pyworker runs the Worker only"),
+        (("s.setServiceParent(application)", "s.setServiceParent(application)\ndel application"),
+         "does not set 'application'"),
+        (("s.setServiceParent(application)", "import sys; sys.exit(3)"),
+         "the tac called sys.exit(3)"),
     ],
 )
 def test_bad_tacs(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
@@ -290,16 +379,8 @@ def test_bad_tacs(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     with pytest.raises(TacError) as info:
         load_tac(str(tmp_path))
     assert message in str(info.value)
+    assert str(tmp_path / "buildbot.tac") in str(info.value)
     assert "SECRETPW" not in str(info.value)
-
-
-def test_loader_never_executes(tmp_path: Path) -> None:
-    marker = tmp_path / "executed"
-    text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "p"))
-    text += f"\nopen({str(marker)!r}, 'w').close()\nimport sys; sys.exit(3)\n"
-    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
-    assert config.workername == "n"
-    assert not marker.exists()
 
 
 def test_unreadable_tac(tmp_path: Path) -> None:
@@ -333,15 +414,15 @@ def test_pyworker_settings_round_trip(tmp_path: Path) -> None:
     assert text != base and text.replace(pyworker_settings(opts), "") == base
     assert text.index("protocol = 'pb'") < text.index("restrict_paths = 1")
     assert text.index("report_resources = 1") < text.index("s = Worker(")
-    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
+    config = run_tac(text, str(tmp_path / "buildbot.tac")).config
     assert (config.restrict_paths, config.metrics_port) == (True, 9100)
     assert (config.log_format, config.report_resources) == ("json", True)
     assert (config.gzip_level, config.bz2_level, config.compress_threads) == (0, 9, 3)
-    # also without a Worker(...) call, and hand-written forms
-    text = text[: text.index("s = Worker(")].replace("restrict_paths = 1", "restrict_paths = True")
+    # hand-written forms
+    text = text.replace("restrict_paths = 1", "restrict_paths = True")
     text += "metrics_port = None\nlog_format = None\ngzip_level = 'auto'\nbz2_level = None\n"
     text += "compress_threads = None\n"
-    config = parse_tac(text, str(tmp_path / "buildbot.tac"))
+    config = run_tac(text, str(tmp_path / "buildbot.tac")).config
     assert (config.restrict_paths, config.metrics_port, config.log_format) == (True, None, "text")
     assert (config.gzip_level, config.bz2_level, config.compress_threads) == ("auto", "auto", None)
 
@@ -360,7 +441,8 @@ _PORT = "metrics_port must be a TCP port number from 1 to 65535 or None"
         ("restrict_paths = 'yes'", "restrict_paths must be 0 or 1, not 'yes'"),
         ("restrict_paths = 2", "restrict_paths must be 0 or 1, not 2"),
         ("report_resources = 1.0", "report_resources must be 0 or 1, not 1.0"),
-        ("report_resources = os.environ.get('R')", "'report_resources' is set by an expression"),
+        ("report_resources = os.environ.get('PYWORKER_NO_SUCH_VAR', 'yes')",
+     "report_resources must be 0 or 1, not 'yes'"),
         ("gzip_level = 10", "gzip_level must be 'auto' or a number from 0 to 9, not 10"),
         ("bz2_level = 0", "bz2_level must be 'auto' or a number from 1 to 9, not 0"),
         ("bz2_level = 'fast'", "bz2_level must be 'auto' or a number from 1 to 9, not 'fast'"),
@@ -373,6 +455,6 @@ def test_bad_pyworker_settings(tmp_path: Path, line: str, message: str) -> None:
     text = make_tac(TacOptions(str(tmp_path), "h", 1, "n", "SECRETPW"))
     text = text.replace("protocol = 'pb'\n", f"protocol = 'pb'\n{line}\n")
     with pytest.raises(TacError) as info:
-        parse_tac(text, str(tmp_path / "buildbot.tac"))
+        run_tac(text, str(tmp_path / "buildbot.tac"))
     assert message in str(info.value)
     assert "SECRETPW" not in str(info.value)

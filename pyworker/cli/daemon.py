@@ -1,6 +1,6 @@
 """Process management for a worker directory: start, stop and restart, twistd-compatible.
 
-``start`` checks and reads ``buildbot.tac``, sets up ``twistd.log`` (same line format
+``start`` checks and runs ``buildbot.tac``, sets up ``twistd.log`` (same line format
 and rotation as twistd), ``twistd.hostname`` and, when daemonising, ``twistd.pid``, then
 hands the :class:`~pyworker.config.WorkerConfig` to ``pyworker.frontend.worker.run_worker`` and
 exits with its return value. Files, messages and exit codes follow
@@ -90,10 +90,11 @@ def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
     """Start the worker in ``basedir`` (already checked); foreground if ``nodaemon``."""
     os.chdir(basedir)
     try:
-        config = load_tac(basedir)
+        loaded = load_tac(basedir)
     except TacError as exc:
         print(f"pyworker: {exc}", file=sys.stderr)
         return 1
+    config, observer = loaded.config, loaded.log_observer
     pidfile = None if nodaemon else os.path.abspath(PIDFILE)
     if pidfile is not None:
         problem = _check_pid(pidfile)
@@ -102,13 +103,14 @@ def start_worker(basedir: str, quiet: bool, nodaemon: bool) -> int:
             return 1
         _remove_draining()  # left by a drain that ended without `stop` watching
     try:
-        logfile = open_logfile(config)
+        # the tac's own log observer replaces twistd.log, as twistd has it
+        logfile = open_logfile(config) if observer is None else None
     except OSError as exc:
         print(f"pyworker: cannot open {LOGFILE} in {config.basedir}: {exc}", file=sys.stderr)
         return 1
     if nodaemon:
-        return run(config, logfile, pidfile=None, status_fd=None)
-    return _daemonize(config, logfile, pidfile or PIDFILE, quiet)
+        return run(config, logfile, pidfile=None, status_fd=None, log_observer=observer)
+    return _daemonize(config, logfile, pidfile or PIDFILE, quiet, observer)
 
 
 def open_logfile(config: WorkerConfig) -> LogFile:
@@ -154,7 +156,9 @@ def _check_pid(pidfile: str) -> str | None:
     )
 
 
-def _daemonize(config: WorkerConfig, logfile: LogFile, pidfile: str, quiet: bool) -> int:
+def _daemonize(
+    config: WorkerConfig, logfile: LogFile | None, pidfile: str, quiet: bool, observer: Any
+) -> int:
     """Double-fork the worker away; the parent reports how the start went."""
     log_offset = _file_size(LOGFILE)
     if not quiet:
@@ -172,13 +176,14 @@ def _daemonize(config: WorkerConfig, logfile: LogFile, pidfile: str, quiet: bool
                 os._exit(0)
             _redirect_stdio_to_devnull()
             os.umask(DAEMON_UMASK)
-            rc = run(config, logfile, pidfile=pidfile, status_fd=write_fd)
+            rc = run(config, logfile, pidfile=pidfile, status_fd=write_fd, log_observer=observer)
         except BaseException as exc:  # nothing may escape a forked child
             _report_status(write_fd, _status_error(exc))
         finally:
             os._exit(rc)
     os.close(write_fd)
-    logfile.close()
+    if logfile is not None:
+        logfile.close()
     os.waitpid(pid, 0)
     try:
         if quiet:
@@ -343,16 +348,28 @@ class JSONLineObserver:
 
 
 class _Logging:
-    """Twisted's global log going to ``twistd.log`` the way twistd sets it up."""
+    """Twisted's global log going to ``twistd.log`` the way twistd sets it up, or to the
+    tac's own ``observer`` (then ``logfile`` is None)."""
 
-    def __init__(self, logfile: LogFile, rotate_on_usr1: bool, log_format: str = "text") -> None:
+    def __init__(
+        self,
+        logfile: LogFile | None,
+        rotate_on_usr1: bool,
+        log_format: str = "text",
+        observer: Any = None,
+    ) -> None:
         from twisted.logger import LegacyLogObserverWrapper, globalLogBeginner
         from twisted.python import log
 
         self.logfile = logfile
         self.saved_stdio = (sys.stdout, sys.stderr)
         self.observer: Any
-        if log_format == "json":
+        if logfile is None:
+            # twistd: a new-style observer as it is, anything else as a legacy one
+            self.observer = observer if ILogObserver.providedBy(observer) else (
+                LegacyLogObserverWrapper(observer))
+            rotate_on_usr1 = False
+        elif log_format == "json":
             self.observer = JSONLineObserver(logfile)
         else:
             # a legacy observer is a plain callable; Twisted annotates it as ILogObserver
@@ -366,6 +383,7 @@ class _Logging:
     def _rotate(self, signum: int, frame: object) -> None:
         from twisted.internet import reactor
 
+        assert self.logfile is not None
         reactor.callFromThread(self.logfile.rotate)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
@@ -375,7 +393,8 @@ class _Logging:
         sys.stdout, sys.stderr = self.saved_stdio
         if self.old_usr1 is not None:
             signal.signal(signal.SIGUSR1, self.old_usr1)
-        self.logfile.close()
+        if self.logfile is not None:
+            self.logfile.close()
 
 
 def _load_run_worker() -> RunWorker:
@@ -386,12 +405,14 @@ def _load_run_worker() -> RunWorker:
 
 def run(
     config: WorkerConfig,
-    logfile: LogFile,
+    logfile: LogFile | None,
     pidfile: str | None,
     status_fd: int | None,
     load_run_worker: Callable[[], RunWorker] | None = None,
+    log_observer: Any = None,
 ) -> int:
-    """Log to ``twistd.log``, record pid and hostname, run the worker, clean up.
+    """Log to ``twistd.log`` (or the tac's ``log_observer``), record pid and hostname, run
+    the worker, clean up.
 
     ``status_fd`` (daemon mode) receives twistd's status: ``b"0"`` once the worker is
     about to run, ``b"1 <error>"`` if it could not get that far.
@@ -399,7 +420,8 @@ def run(
     from twisted.python import log
     from twisted.python.runtime import shortPythonVersion
 
-    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate, log_format=config.log_format)
+    logging = _Logging(logfile, rotate_on_usr1=not config.log_rotate,
+                       log_format=config.log_format, observer=log_observer)
     rc = 1
     failure: str | None = None
     try:

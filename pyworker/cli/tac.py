@@ -1,28 +1,36 @@
 """Reading and writing ``buildbot.tac``: the tac template of create-worker and a loader.
 
 The writer produces byte-for-byte the file ``buildbot-worker create-worker`` 4.3.0 writes.
-The loader never executes the tac: it parses it with :mod:`ast`, follows the module-level
-assignments (literals, simple arithmetic, earlier names, ``os.path`` helpers on
-``__file__``, and ``if`` tests it can decide, such as the relocatable ``basedir == '.'``
-block), reads the arguments of the ``Worker(...)`` call (or, without one, the variables
-the template defines) and returns a :class:`~pyworker.config.WorkerConfig`.
+The loader runs the tac as twistd does (:func:`run_tac`: the tac's folder as working
+directory and first on ``sys.path``, ``__file__`` set), with pyworker's stand-in
+``buildbot_worker.bot.Worker`` (:mod:`pyworker.cli.worker_shim`), so whatever the reference
+runs works: environment, imports, files, conditionals, functions. The one Worker attached
+to the application gives the :class:`~pyworker.config.WorkerConfig`; a log observer the
+tac installs is handed on (:class:`LoadedTac`).
 
 pyworker's own settings (:data:`pyworker.config.SETTINGS`) are written as plain assignments
-after ``protocol = ...`` and read back with the table's one check,
-:meth:`~pyworker.config.Setting.check`.
+after ``protocol = ...`` and read back from the tac's module namespace with the table's
+one check, :meth:`~pyworker.config.Setting.check`.
 """
 
 from __future__ import annotations
 
-import ast
+import codecs
 import dataclasses
-import operator
 import os
-from collections.abc import Callable, Iterable, Mapping
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from twisted.application import service
+from twisted.logger import ILogObserver
+from twisted.python.log import FileLogObserver as LegacyFileLogObserver
+from twisted.python.log import ILogObserver as LegacyILogObserver
+from twisted.python.logfile import LogFile
+
+from pyworker.cli import worker_shim
 from pyworker.config import (
-    PROTOCOLS,
     SETTINGS,
     SETTINGS_BY_NAME,
     SettingError,
@@ -263,300 +271,6 @@ class TacError(Exception):
     """``buildbot.tac`` cannot be used; the message says why and where (never the password)."""
 
 
-class _Unknown:
-    """Value of a name the loader could not compute; carries the reason for the error."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
-
-
-class _CannotEvaluate(Exception):
-    def __init__(self, node: ast.AST, detail: str = "") -> None:
-        super().__init__(detail)
-        self.node = node
-        self.detail = detail
-
-
-_BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.FloorDiv: operator.floordiv,
-    ast.Pow: operator.pow,
-    ast.Mod: operator.mod,
-}
-_CMPOPS: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Is: operator.is_,
-    ast.IsNot: operator.is_not,
-}
-_PURE_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "int": int,
-    "str": str,
-    "bool": bool,
-    "os.path.abspath": os.path.abspath,
-    "os.path.dirname": os.path.dirname,
-    "os.path.join": os.path.join,
-    "os.path.normpath": os.path.normpath,
-    "os.path.realpath": os.path.realpath,
-}
-
-#: ``buildbot_worker.pb.Worker.__init__`` parameters, in order, with their defaults.
-_WORKER_PARAMS: tuple[tuple[str, Any], ...] = (
-    ("buildmaster_host", None),
-    ("port", None),
-    ("name", None),
-    ("passwd", None),
-    ("basedir", None),
-    ("keepalive", None),
-    ("keepaliveTimeout", None),
-    ("umask", None),
-    ("maxdelay", None),
-    ("numcpus", None),
-    ("unicode_encoding", None),
-    ("protocol", "pb"),
-    ("useTls", None),
-    ("allow_shutdown", None),
-    ("maxRetries", None),
-    ("connection_string", None),
-    ("path", None),
-    ("delete_leftover_dirs", False),
-    ("proxy_connection_string", None),
-)
-_WORKER_REQUIRED = ("buildmaster_host", "port", "name", "passwd", "basedir", "keepalive")
-
-#: Without a ``Worker(...)`` call: Worker parameter -> variable of the 4.3.0 template.
-_TEMPLATE_VARIABLES = {
-    "buildmaster_host": "buildmaster_host",
-    "port": "port",
-    "name": "workername",
-    "passwd": "passwd",
-    "basedir": "basedir",
-    "keepalive": "keepalive",
-    "umask": "umask",
-    "maxdelay": "maxdelay",
-    "numcpus": "numcpus",
-    "allow_shutdown": "allow_shutdown",
-    "maxRetries": "maxretries",
-    "useTls": "use_tls",
-    "delete_leftover_dirs": "delete_leftover_dirs",
-    "connection_string": "connection_string",
-    "proxy_connection_string": "proxy_connection_string",
-    "protocol": "protocol",
-}
-_TEMPLATE_REQUIRED = ("name", "passwd", "basedir")
-
-
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
-
-
-class _TacReader:
-    """Walks the module body once, keeping a table of the names it could evaluate."""
-
-    def __init__(self, path: str, source: str) -> None:
-        self.path = path
-        self.source = source
-        self.names: dict[str, Any] = {"__file__": path, "__name__": "__builtin__"}
-        self.worker_call: dict[str, Any] | None = None
-        self.worker_call_line = 0
-        self.log_observer = False
-        self.logfile_args: dict[str, Any] | None = None
-
-    # -- expressions ------------------------------------------------------------------
-
-    def eval(self, node: ast.expr) -> Any:
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in self.names:
-                raise _CannotEvaluate(node, f"name '{node.id}' is not defined before use")
-            value = self.names[node.id]
-            if isinstance(value, _Unknown):
-                raise _CannotEvaluate(node, f"'{node.id}' {value.why}")
-            return value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd | ast.Not):
-            operand = self.eval(node.operand)
-            if isinstance(node.op, ast.Not):
-                return not operand
-            if not isinstance(operand, int | float) or isinstance(operand, bool):
-                raise _CannotEvaluate(node)
-            return -operand if isinstance(node.op, ast.USub) else operand
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = self.eval(node.left), self.eval(node.right)
-            if isinstance(node.op, ast.Pow) and (not isinstance(right, int) or right > 64):
-                raise _CannotEvaluate(node)
-            try:
-                return _BINOPS[type(node.op)](left, right)
-            except (TypeError, ValueError, ZeroDivisionError) as exc:
-                raise _CannotEvaluate(node, str(exc)) from exc
-        if isinstance(node, ast.BoolOp):
-            result: Any = None
-            for value_node in node.values:
-                result = self.eval(value_node)
-                if isinstance(node.op, ast.And) and not result:
-                    return result
-                if isinstance(node.op, ast.Or) and result:
-                    return result
-            return result
-        if isinstance(node, ast.Compare) and all(type(op) in _CMPOPS for op in node.ops):
-            left = self.eval(node.left)
-            for op, comparator in zip(node.ops, node.comparators, strict=True):
-                right = self.eval(comparator)
-                if not _CMPOPS[type(op)](left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.Tuple | ast.List):
-            items = [self.eval(elt) for elt in node.elts]
-            return tuple(items) if isinstance(node, ast.Tuple) else items
-        if (
-            isinstance(node, ast.Call)
-            and not any(isinstance(a, ast.Starred) for a in node.args)
-            and all(k.arg is not None for k in node.keywords)
-        ):
-            func = _dotted(node.func)
-            if func in _PURE_FUNCTIONS:
-                args = [self.eval(a) for a in node.args]
-                kwargs = {str(k.arg): self.eval(k.value) for k in node.keywords}
-                try:
-                    return _PURE_FUNCTIONS[func](*args, **kwargs)
-                except (TypeError, ValueError) as exc:
-                    raise _CannotEvaluate(node, str(exc)) from exc
-        raise _CannotEvaluate(node)
-
-    def describe(self, exc: _CannotEvaluate) -> str:
-        segment = ast.get_source_segment(self.source, exc.node) or type(exc.node).__name__
-        if len(segment) > 60:
-            segment = segment[:57] + "..."
-        line = getattr(exc.node, "lineno", "?")
-        text = f"line {line}: cannot evaluate {segment!r} without running the tac"
-        return f"{text} ({exc.detail})" if exc.detail else text
-
-    # -- statements -------------------------------------------------------------------
-
-    def run(self, body: Iterable[ast.stmt]) -> None:
-        for stmt in body:
-            self.statement(stmt)
-
-    def statement(self, stmt: ast.stmt) -> None:
-        if isinstance(stmt, ast.Assign):
-            self.note_calls(stmt.value)
-            value = self.lazy(stmt.value)
-            for target in stmt.targets:
-                self.bind(target, value)
-        elif isinstance(stmt, ast.AnnAssign):
-            if stmt.value is not None:
-                self.note_calls(stmt.value)
-                self.bind(stmt.target, self.lazy(stmt.value))
-        elif isinstance(stmt, ast.AugAssign):
-            self.bind(stmt.target, _Unknown(f"is modified in place (line {stmt.lineno})"))
-        elif isinstance(stmt, ast.Expr):
-            self.note_calls(stmt.value)
-        elif isinstance(stmt, ast.If):
-            try:
-                test = self.eval(stmt.test)
-            except _CannotEvaluate:
-                self.unknown_assignments(stmt, f"is set inside an 'if' (line {stmt.lineno})")
-                return
-            self.run(stmt.body if test else stmt.orelse)
-        elif isinstance(stmt, ast.Import | ast.ImportFrom):
-            for alias in stmt.names:
-                bound = alias.asname or alias.name.split(".")[0]
-                if bound != "os":  # os.path.* helpers are recognised by name
-                    self.names[bound] = _Unknown(f"is imported (line {stmt.lineno})")
-        elif isinstance(
-            stmt,
-            ast.For | ast.AsyncFor | ast.While | ast.Try | ast.With | ast.AsyncWith | ast.Match,
-        ) or isinstance(stmt, ast.TryStar):
-            self.unknown_assignments(stmt, f"is set inside a block (line {stmt.lineno})")
-        elif isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            self.names[stmt.name] = _Unknown(f"is a definition (line {stmt.lineno})")
-        elif isinstance(stmt, ast.Delete):
-            for target in stmt.targets:
-                self.bind(target, _Unknown(f"is deleted (line {stmt.lineno})"))
-
-    def bind(self, target: ast.expr, value: Any) -> None:
-        if isinstance(target, ast.Name):
-            self.names[target.id] = value
-        elif isinstance(target, ast.Tuple | ast.List):
-            if isinstance(value, tuple | list) and len(value) == len(target.elts):
-                for elt, item in zip(target.elts, value, strict=True):
-                    self.bind(elt, item)
-            else:
-                for elt in target.elts:
-                    self.bind(elt, _Unknown("is set by an unpacking pyworker cannot read"))
-        elif isinstance(target, ast.Starred):
-            self.bind(target.value, _Unknown("is set by a starred unpacking"))
-
-    def unknown_assignments(self, stmt: ast.stmt, why: str) -> None:
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
-                self.names[node.id] = _Unknown(why)
-            elif isinstance(node, ast.Call):
-                self.note_calls(node)
-
-    def note_calls(self, expr: ast.expr) -> None:
-        for node in ast.walk(expr):
-            if not isinstance(node, ast.Call):
-                continue
-            func = _dotted(node.func) or ""
-            last = func.rsplit(".", 1)[-1]
-            if last == "Worker" and self.worker_call is None:
-                self.worker_call = self.worker_arguments(node)
-                self.worker_call_line = node.lineno
-            elif last == "setComponent" and node.args:
-                first = _dotted(node.args[0]) or ""
-                if first.rsplit(".", 1)[-1] == "ILogObserver":
-                    self.log_observer = True
-            elif func.endswith("LogFile.fromFullPath") or last == "LogFile":
-                self.logfile_args = self.logfile_arguments(node, func.endswith("fromFullPath"))
-
-    def lazy(self, node: ast.expr) -> Any:
-        """The value of ``node``, or an :class:`_Unknown` explaining why there is none."""
-        if isinstance(node, ast.Name) and isinstance(self.names.get(node.id), _Unknown):
-            return self.names[node.id]
-        try:
-            return self.eval(node)
-        except _CannotEvaluate as exc:
-            return _Unknown(f"is set by an expression pyworker cannot read: {self.describe(exc)}")
-
-    def worker_arguments(self, call: ast.Call) -> dict[str, Any]:
-        args: dict[str, Any] = {}
-        names = [name for name, _ in _WORKER_PARAMS]
-        for index, arg in enumerate(call.args):
-            if isinstance(arg, ast.Starred) or index >= len(names):
-                raise TacError(f"{self.path}: line {call.lineno}: unsupported Worker(...) call")
-            args[names[index]] = self.lazy(arg)
-        for keyword in call.keywords:
-            if keyword.arg is None or keyword.arg not in names:
-                raise TacError(
-                    f"{self.path}: line {call.lineno}: unsupported Worker(...) argument "
-                    f"{keyword.arg or '**'!r}"
-                )
-            args[keyword.arg] = self.lazy(keyword.value)
-        return args
-
-    def logfile_arguments(self, call: ast.Call, from_full_path: bool) -> dict[str, Any]:
-        # LogFile(name, directory, rotateLength, defaultMode, maxRotatedFiles)
-        positional = ["name", "directory", "rotateLength", "defaultMode", "maxRotatedFiles"]
-        if from_full_path:
-            positional = ["path", "rotateLength", "defaultMode", "maxRotatedFiles"]
-        args: dict[str, Any] = {}
-        for index, arg in enumerate(call.args[: len(positional)]):
-            args[positional[index]] = self.lazy(arg)
-        for keyword in call.keywords:
-            if keyword.arg is not None:
-                args[keyword.arg] = self.lazy(keyword.value)
-        return args
-
-
 def tac_path(basedir_or_tac: str) -> str:
     """The tac file for a worker directory (or the argument itself if it is a file)."""
     if os.path.isdir(basedir_or_tac):
@@ -564,8 +278,21 @@ def tac_path(basedir_or_tac: str) -> str:
     return basedir_or_tac
 
 
-def load_tac(basedir_or_tac: str) -> WorkerConfig:
-    """Read a worker's ``buildbot.tac`` without executing it. Raises :class:`TacError`."""
+@dataclasses.dataclass
+class LoadedTac:
+    """What running a tac gave: the worker's configuration and the tac's log observer."""
+
+    config: WorkerConfig
+    #: The observer the tac installed (``application.setComponent(ILogObserver, ...)``), to
+    #: be used instead of ``twistd.log`` as twistd would; None when there is none, or when
+    #: it is create-worker's ``twistd.log`` block, which pyworker opens itself from
+    #: ``config.rotate_length`` and ``config.max_rotated_files`` (and writes as
+    #: ``log_format`` says).
+    log_observer: Any = None
+
+
+def load_tac(basedir_or_tac: str) -> LoadedTac:
+    """Run a worker's ``buildbot.tac`` as twistd does. Raises :class:`TacError`."""
     path = os.path.abspath(tac_path(basedir_or_tac))
     try:
         with open(path, encoding="utf-8") as f:
@@ -574,65 +301,123 @@ def load_tac(basedir_or_tac: str) -> WorkerConfig:
         raise TacError(f"error reading '{path}': {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise TacError(f"error reading '{path}': {exc}") from exc
-    return parse_tac(source, path)
+    return run_tac(source, path)
 
 
-def parse_tac(source: str, path: str) -> WorkerConfig:
-    """Turn the text of a tac (located at ``path``) into a :class:`WorkerConfig`."""
+def run_tac(source: str, path: str) -> LoadedTac:
+    """Run the text of a tac located at ``path`` (absolute) as twistd's ``--python`` does.
+
+    The working directory is the tac's folder, which is also first on ``sys.path``
+    (buildbot-worker's ``start`` puts it there); ``__file__`` is the tac's name, relative
+    to it, as twistd has it. ``buildbot_worker`` is pyworker's stand-in
+    (:mod:`pyworker.cli.worker_shim`). Working directory and ``sys.path`` are put back
+    afterwards; what the tac does to ``os.environ`` stays (the worker's commands see it).
+    """
     if TAC_MARKER not in source:
         raise TacError(f"{path} is not a buildbot worker tac (no {TAC_MARKER})")
+    namespace: dict[str, Any] = {"__file__": os.path.basename(path)}
     try:
-        tree = ast.parse(source, filename=path)
+        code = compile(source, path, "exec")
     except SyntaxError as exc:
-        raise TacError(f"{path}: line {exc.lineno}: syntax error: {exc.msg}") from exc
-    reader = _TacReader(path, source)
-    reader.run(tree.body)
+        raise TacError(f"{path}: line {exc.lineno}: syntax error: {exc.msg}") from None
+    saved_path = list(sys.path)
+    try:
+        saved_cwd: str | None = os.getcwd()
+    except OSError:
+        saved_cwd = None
+    folder = os.path.dirname(path)
+    try:
+        with worker_shim.installed():
+            os.chdir(folder)
+            sys.path.insert(0, folder)
+            exec(code, namespace, namespace)  # noqa: S102 - running the tac is the point
+    except (Exception, SystemExit) as exc:
+        raise TacError(_failure(path, exc)) from None
+    finally:
+        sys.path[:] = saved_path
+        if saved_cwd is not None:
+            os.chdir(saved_cwd)
+    return _loaded(namespace, path)
 
-    if reader.worker_call is not None:
-        where = f"the Worker(...) call on line {reader.worker_call_line}"
-        raw = reader.worker_call
-        required: Iterable[str] = _WORKER_REQUIRED
+
+def _failure(path: str, exc: BaseException) -> str:
+    """``error in <tac> (line N): <the traceback's last line>``."""
+    line = 0
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == path:
+            line = lineno
+    where = f" (line {line})" if line else ""
+    if isinstance(exc, SystemExit):
+        last = f"the tac called sys.exit({exc.code!r})"
+    elif isinstance(exc, SyntaxError):  # in a module the tac imports
+        last = f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
     else:
-        where = "the tac"
-        raw = {
-            param: reader.names[var]
-            for param, var in _TEMPLATE_VARIABLES.items()
-            if var in reader.names
-        }
-        required = _TEMPLATE_REQUIRED
-    for param in required:
-        if param not in raw:
-            name = _TEMPLATE_VARIABLES.get(param, param)
-            raise TacError(f"{path}: {where} does not set {param!r} ({name})")
-    values = dict(_WORKER_PARAMS)
-    values.update(raw)
-    for param, value in values.items():
-        if isinstance(value, _Unknown):
-            var = _TEMPLATE_VARIABLES.get(param, param)
+        last = traceback.format_exception_only(exc)[-1].strip()
+    return f"error in {path}{where}: {last}"
+
+
+def _services(collection: Any) -> Iterator[Any]:
+    for child in collection:
+        yield child
+        if not isinstance(child, worker_shim.Worker):
+            inner = service.IServiceCollection(child, None)
+            if inner is not None:
+                yield from _services(inner)
+
+
+def _loaded(namespace: Mapping[str, Any], path: str) -> LoadedTac:
+    application: Any = namespace.get("application")
+    collection = service.IServiceCollection(application, None)
+    if collection is None:
+        raise TacError(f"{path} does not set 'application' (service.Application(...))")
+    workers: list[worker_shim.Worker] = []
+    for child in _services(collection):
+        if isinstance(child, worker_shim.Worker):
+            workers.append(child)
+        elif type(child) is not service.MultiService:  # a plain container is looked into
             raise TacError(
-                f"{path}: {var!r} (used by {where}) {value.why}; pyworker reads buildbot.tac "
-                "without executing it, so use plain literal values"
+                f"{path}: the application has a {type(child).__name__} service; "
+                "pyworker runs the Worker only"
             )
-    return _to_config(values, reader, path)
+    if len(workers) != 1:
+        lines = ", ".join(str(w.caller[1]) for w in workers)
+        found = f"{len(workers)} Workers (created on lines {lines})" if workers else "no Worker"
+        raise TacError(
+            f"{path}: expected one Worker attached to the application "
+            f"(s.setServiceParent(application)), found {found}"
+        )
+    worker = workers[0]
+    filename, lineno = worker.caller
+    where = f"line {lineno}" if filename == path else f"{filename}, line {lineno}"
+    observer: Any = None
+    for interface in (ILogObserver, LegacyILogObserver):
+        observer = getattr(application, "getComponent", lambda *_: None)(interface, None)
+        if observer is not None:
+            break
+    return _to_loaded(worker.args, namespace, observer, f"{path}: Worker(...) on {where}", path)
 
 
-def _check(path: str, name: str, value: Any, kinds: tuple[type, ...], show: bool = True) -> None:
+def _check(where: str, name: str, value: Any, kinds: tuple[type, ...], show: bool = True) -> None:
     if isinstance(value, kinds):
         return
     what = f" ({value!r})" if show else ""
     allowed = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
-    raise TacError(f"{path}: {name} must be {allowed}, not {type(value).__name__}{what}")
+    raise TacError(f"{where}: {name} must be {allowed}, not {type(value).__name__}{what}")
 
 
-def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> WorkerConfig:
-    tac_dir = os.path.dirname(path)
+def _to_loaded(
+    values: Mapping[str, Any],
+    namespace: Mapping[str, Any],
+    observer: Any,
+    where: str,
+    path: str,
+) -> LoadedTac:
+    """The Worker's arguments (``values``), checked, as a :class:`LoadedTac`."""
     none = type(None)
-
     basedir = values["basedir"]
-    _check(path, "basedir", basedir, (str,))
-    if basedir == ".":
-        basedir = tac_dir
-    basedir = os.path.abspath(os.path.join(tac_dir, basedir))
+    _check(where, "basedir", basedir, (str,))
+    # relative to the working directory the tac ran in (the tac's folder)
+    basedir = os.path.abspath(os.path.join(os.path.dirname(path), basedir))
 
     name = values["name"]
     passwd = values["passwd"]
@@ -640,56 +425,49 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
         name = name.decode("utf-8")
     if isinstance(passwd, bytes):
         passwd = passwd.decode("utf-8")
-    _check(path, "workername", name, (str,))
-    _check(path, "passwd", passwd, (str,), show=False)
+    _check(where, "name", name, (str,))
+    _check(where, "passwd", passwd, (str,), show=False)
 
     host, port, conn = values["buildmaster_host"], values["port"], values["connection_string"]
-    _check(path, "buildmaster_host", host, (str, none))
-    _check(path, "port", port, (int, str, none))
-    _check(path, "connection_string", conn, (str, none))
+    _check(where, "buildmaster_host", host, (str, none))
+    _check(where, "port", port, (int, str, none))
+    _check(where, "connection_string", conn, (str, none))
     if isinstance(port, str):
         try:
             port = int(port)
         except ValueError as exc:
-            raise TacError(f"{path}: port must be a number, not {port!r}") from exc
-    if conn is not None and (host, port) != (None, None):
-        raise TacError(
-            f"{path}: if you want to supply a connection string, then set "
-            "buildmaster_host and port to None"
-        )
+            raise TacError(f"{where}: port must be a number, not {port!r}") from exc
     if conn is None and (host is None or port is None):
-        raise TacError(f"{path}: set either buildmaster_host and port, or connection_string")
+        raise TacError(f"{where}: set either buildmaster_host and port, or connection_string")
 
     for key in ("keepalive", "umask", "maxdelay", "numcpus", "maxRetries"):
-        _check(path, key, values[key], (int, none))
+        _check(where, key, values[key], (int, none))
     keepalive = values["keepalive"] or None  # the reference turns 0 into None
     maxdelay = values["maxdelay"] if values["maxdelay"] is not None else 300
 
     allow_shutdown = values["allow_shutdown"]
-    _check(path, "allow_shutdown", allow_shutdown, (str, none))
+    _check(where, "allow_shutdown", allow_shutdown, (str, none))
     if allow_shutdown not in (None, "signal", "file"):
-        raise TacError(f"{path}: allow_shutdown must be None, 'signal' or 'file'")
-    protocol = values["protocol"]
-    if protocol not in PROTOCOLS:
-        raise TacError(f"{path}: Unknown protocol {protocol!r}")
+        raise TacError(f"{where}: allow_shutdown must be None, 'signal' or 'file'")
     proxy = values["proxy_connection_string"]
-    _check(path, "proxy_connection_string", proxy, (str, none))
+    _check(where, "proxy_connection_string", proxy, (str, none))
+    ws_path = values["path"]
+    _check(where, "path", ws_path, (str, none))
+    _check_encoding(where, values["unicode_encoding"])
 
-    log_rotate = reader.log_observer
-    rotate_length: Any = TWISTD_ROTATE_LENGTH
-    max_rotated: Any = TWISTD_MAX_ROTATED_FILES
-    if log_rotate:
-        largs = reader.logfile_args or {}
-        rotate_length = largs.get("rotateLength", reader.names.get("rotateLength", rotate_length))
-        max_rotated = largs.get("maxRotatedFiles", reader.names.get("maxRotatedFiles", max_rotated))
-        for key, value in (("rotateLength", rotate_length), ("maxRotatedFiles", max_rotated)):
-            if isinstance(value, _Unknown):
-                raise TacError(f"{path}: {key} {value.why}")
-        _check(path, "rotateLength", rotate_length, (int,))
-        _check(path, "maxRotatedFiles", max_rotated, (int, none))
+    # create-worker's log block: a FileLogObserver over a LogFile at <basedir>/twistd.log;
+    # pyworker opens that file itself (same rotation), in the format log_format says
+    log_rotate = False
+    rotate_length: int = TWISTD_ROTATE_LENGTH
+    max_rotated: int | None = TWISTD_MAX_ROTATED_FILES
+    logfile = _template_logfile(observer, os.path.join(basedir, "twistd.log"))
+    if logfile is not None:
+        log_rotate = True
+        rotate_length, max_rotated = logfile.rotateLength, logfile.maxRotatedFiles
+        logfile.close()
+        observer = None
 
-    settings = _pyworker_settings(reader, path)
-    return WorkerConfig(
+    config = WorkerConfig(
         basedir=basedir,
         workername=name,
         password=passwd,
@@ -705,28 +483,54 @@ def _to_config(values: Mapping[str, Any], reader: _TacReader, path: str) -> Work
         use_tls=bool(values["useTls"]),
         delete_leftover_dirs=bool(values["delete_leftover_dirs"]),
         proxy_connection_string=proxy,
-        protocol=protocol,
+        protocol=values["protocol"],
+        path=ws_path,
         log_rotate=log_rotate,
         rotate_length=rotate_length,
         max_rotated_files=max_rotated,
-        **settings,
+        **_pyworker_settings(namespace, path),
     )
+    return LoadedTac(config, observer)
 
 
-def _pyworker_settings(reader: _TacReader, path: str) -> dict[str, Any]:
-    """pyworker's own tac variables (module-level assignments), checked; absent: defaults."""
+def _check_encoding(where: str, encoding: Any) -> None:
+    """``unicode_encoding``: pyworker encodes and decodes UTF-8 (the reference's default on
+    a UTF-8 system); another encoding is refused rather than ignored."""
+    if encoding is None:
+        return
+    _check(where, "unicode_encoding", encoding, (str,))
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise TacError(f"{where}: unicode_encoding: unknown encoding {encoding!r}") from None
+    if name != "utf-8":
+        raise TacError(
+            f"{where}: unicode_encoding {encoding!r} is not supported: pyworker reads "
+            "command output and writes names and passwords as UTF-8 only"
+        )
+
+
+def _template_logfile(observer: Any, twistd_log: str) -> LogFile | None:
+    """The LogFile behind ``FileLogObserver(LogFile(<basedir>/twistd.log)).emit``, else None."""
+    owner = getattr(observer, "__self__", None)
+    if type(owner) is not LegacyFileLogObserver or observer != owner.emit:
+        return None
+    if owner.timeFormat is not None:  # the tac's own line format: its observer is used
+        return None
+    logfile = getattr(owner.write, "__self__", None)
+    if isinstance(logfile, LogFile) and os.path.abspath(logfile.path) == twistd_log:
+        return logfile
+    return None
+
+
+def _pyworker_settings(namespace: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """pyworker's own tac variables (module-level names), checked; absent: defaults."""
     settings: dict[str, Any] = {}
     for setting in SETTINGS:
-        if setting.name not in reader.names:
+        if setting.name not in namespace:
             continue
-        value = reader.names[setting.name]
-        if isinstance(value, _Unknown):
-            raise TacError(
-                f"{path}: {setting.name!r} {value.why}; pyworker reads buildbot.tac "
-                "without executing it, so use plain literal values"
-            )
         try:
-            settings[setting.name] = setting.check(value)
+            settings[setting.name] = setting.check(namespace[setting.name])
         except SettingError as exc:
             raise TacError(f"{path}: {setting.name} {exc}") from exc
     return settings

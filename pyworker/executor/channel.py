@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import select
 import signal
 from collections import deque
 from typing import Any
@@ -66,6 +67,7 @@ class Channel:
         self.running = True
         #: Largest RSS (bytes) seen of the current command's process tree, if measured.
         self.peak_rss = 0
+        self._poll: select.poll | None = None
 
     # -- writing -------------------------------------------------------------------------
 
@@ -158,6 +160,21 @@ class Channel:
             else:
                 # an INTERRUPT behind a START is for that new command: :meth:`reset` applies it
                 self._inbox.append(item)
+
+    def absorb_available(self) -> None:
+        """Read the control frames already waiting, without blocking."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.rfd, select.POLLIN)
+        while self._poll.poll(0):
+            self.fill()
+
+    def check_interrupt(self, doing: str) -> None:
+        """For long work that does not wait on the pipe: raise :class:`Interrupted` if an
+        ``INTERRUPT`` has come (``doing`` says what it ended)."""
+        self.absorb_available()
+        if self.interrupt_reason is not None:
+            raise Interrupted(f"interrupted while {doing}")
 
     def _start_queued(self) -> bool:
         return any(kind == frames.START for kind, _, _ in self._inbox)

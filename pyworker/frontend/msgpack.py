@@ -114,8 +114,8 @@ def websocket_url(cfg: config_mod.WorkerConfig) -> str:
         url = connection_string_to_ws_url(cfg.connection_string)
     else:
         url = f"ws://{_url_host(cfg.master_host or 'localhost')}:{cfg.port}"
-    path = getattr(cfg, "path", None)
-    if path:
+    path = cfg.path
+    if path is not None:
         url += path if path.startswith("/") else "/" + path
     return url
 

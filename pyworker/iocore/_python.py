@@ -129,6 +129,17 @@ def recv_to_file(in_fd: int, dst_fd: int, count: int) -> int:
     return done
 
 
+def open_regular_or_none(path: str, dir_fd: int | None = None, flags: int = 0) -> int:
+    """An fd on ``path`` if it is still a regular file, else -1 (swapped for a FIFO or a
+    device since it was listed: archived as zeros). The open does not wait for a FIFO's
+    writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
 def copy_file(src_path: str, dst_path: str) -> None:
     """Copy ``src_path`` to ``dst_path`` (created or truncated) and copy its mode."""
     shutil.copyfile(src_path, dst_path)
@@ -266,7 +277,7 @@ class TarStream:
         fd: int | None = None
         if info.type == tarfile.REGTYPE and info.size > 0:  # last: nothing after it can fail
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_regular_or_none(path)
             except FileNotFoundError:
                 fd = -1  # vanished since lstat: zeros
         size = info.size if info.type == tarfile.REGTYPE else 0

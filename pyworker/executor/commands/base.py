@@ -3,6 +3,8 @@ the path policy (``restrict_paths``) its paths go through."""
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any, ClassVar
 
 from pyworker import paths
@@ -84,3 +86,38 @@ class Command:
 
 def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r:.60}"
+
+
+class NotRegularFile(OSError):
+    """A path to read is a FIFO, a device, a directory or a socket: it is not read."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.kind = _file_kind(mode)
+        super().__init__(f"'{path}' is not a regular file ({self.kind})")
+
+
+def open_regular(path: str, beneath: paths.Beneath | None = None) -> int:
+    """An fd open for reading on ``path`` if it is a regular file (links followed; beneath
+    the root with ``beneath``), else :class:`NotRegularFile`. The open never blocks
+    (``O_NONBLOCK``: a FIFO's would wait for a writer); the fd returned is blocking."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = beneath.open(path, flags) if beneath is not None else os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for messages: ``a FIFO``, ..."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import os
 import stat
+from collections.abc import Callable, Iterator
 
 from pyworker import paths
+from pyworker.executor.channel import CommandError
 from pyworker.executor.commands.base import Command
+from pyworker.executor.commands.globbing import Globber
 from pyworker.executor.commands.shell import ProcessRunner
 
 
@@ -292,8 +296,13 @@ class _Copier:
 
     def _copy_file(self, src_dir: int, src: str, dst_dir: int, dst_name: str,
                    st: os.stat_result, shown_src: str) -> None:
-        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        sfd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=src_dir)  # O_NONBLOCK: swapped for a FIFO, it must not wait
         try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                self.error(f"'{shown_src}': not copied (not a file, directory or link)")
+                return
+            os.set_blocking(sfd, True)
             self.beneath.check_fd(shown_src, sfd)
             try:
                 existing = os.stat(dst_name, dir_fd=dst_dir, follow_symlinks=False)
@@ -361,13 +370,29 @@ class GlobPath(_OSErrorReporting):
         path = self.arg_str("path")
         try:
             if self.beneath is not None:
-                files = _glob_beneath(self.beneath, path)
+                files = _glob_beneath(self.beneath, path, self._tick)
             else:
-                files = glob.glob(path, recursive=True)
+                files = _bounded(Globber(tick=self._tick).glob(path), path)
         except OSError as e:
             self.fail(e, path)
             return
         self.channel.update([("files", files), ("rc", 0)])
+
+    def _tick(self) -> None:
+        self.channel.check_interrupt("globbing")
+
+
+#: Most matches one ``glob`` returns: past it the command fails (a tree of links that does
+#: not loop can still multiply paths beyond any use).
+MAX_GLOB_MATCHES = 1_000_000
+
+
+def _bounded(matches: Iterator[str], pattern: str) -> list[str]:
+    """The matches as a list, failing the command past :data:`MAX_GLOB_MATCHES`."""
+    files = list(itertools.islice(matches, MAX_GLOB_MATCHES + 1))
+    if len(files) > MAX_GLOB_MATCHES:
+        raise CommandError(f"glob: more than {MAX_GLOB_MATCHES} matches for '{pattern}'")
+    return files
 
 
 class ListDir(_OSErrorReporting):
@@ -414,10 +439,12 @@ class RemoveFile(_OSErrorReporting):
         self.channel.update([("rc", 0)])
 
 
-def _glob_beneath(beneath: paths.Beneath, pattern: str) -> list[str]:
+def _glob_beneath(beneath: paths.Beneath, pattern: str, tick: Callable[[], None]
+                  ) -> list[str]:
     """``glob.glob(pattern, recursive=True)`` run from the root's fd. The pattern's literal
-    directory part must resolve beneath the root (else refused, as any path); results that
-    resolve outside the root (or to the worker's own files) are dropped."""
+    directory part must resolve beneath the root (else refused, as any path); ``**`` does
+    not follow a link out of the root, and results that resolve outside the root (or to the
+    worker's own files) are dropped."""
     rel = beneath.relative(pattern)
     prefix = pattern[: len(pattern) - len(rel)]
     if not rel.strip("/"):
@@ -435,7 +462,8 @@ def _glob_beneath(beneath: paths.Beneath, pattern: str) -> list[str]:
         os.close(fd)
     root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=beneath.root_fd)
     try:
-        found = glob.glob(rel, dir_fd=root, recursive=True)
+        globber = Globber(root, tick=tick, follow=_inside(beneath))
+        found = _bounded(globber.glob(rel, pattern), pattern)
     finally:
         os.close(root)
     kept = []
@@ -450,3 +478,18 @@ def _glob_beneath(beneath: paths.Beneath, pattern: str) -> list[str]:
             os.close(fd)
         kept.append(prefix + name)
     return kept
+
+
+def _inside(beneath: paths.Beneath) -> Callable[[str], bool]:
+    """Whether ``**`` may enter a linked directory (a path relative to the root): only if
+    it resolves beneath the root."""
+    def follow(rel: str) -> bool:
+        try:
+            fd, _ = beneath.locate(rel)
+        except paths.PathRefused:
+            return False
+        except OSError:
+            return True  # broken: listing it finds nothing
+        os.close(fd)
+        return True
+    return follow

@@ -21,11 +21,12 @@ import signal
 import subprocess
 import termios
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pyworker import paths
 from pyworker.executor.channel import Channel, CommandError
-from pyworker.executor.commands.base import Command
+from pyworker.executor.commands.base import Command, NotRegularFile, open_regular
 from pyworker.executor.process import kill_descendants, reap_children
 
 READ_SIZE = 256 * 1024
@@ -33,7 +34,9 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
 BACKUP_TIMEOUT = 5.0
 LOGFILE_POLL_INTERVAL = 2.0
-LOGFILE_READ_SIZE = 10_000
+#: Most bytes read from one logfile per poll while the command runs, and per piece sent at
+#: the end.
+LOGFILE_READ_SIZE = 1024 * 1024
 RSS_SAMPLE_INTERVAL = 0.5
 _ENV_SUBST = re.compile(r"\${([0-9a-zA-Z_]*)}")
 
@@ -120,6 +123,12 @@ class LogfileWatcher:
     With ``beneath`` (``restrict_paths``) the file is stat'ed and opened through the policy
     each time: a path that leads outside the basedir then reads as "no file yet", and
     :attr:`refused` says why.
+
+    Only a regular file is read (:func:`open_regular`): a FIFO, a device (a link to
+    ``/dev/zero``) or a directory is not, and :attr:`not_read` says why. What is read is
+    bounded: at most :data:`LOGFILE_READ_SIZE` bytes per poll while the command runs (the
+    rest comes at the next poll), and at the end up to the size the file has then, in
+    chunks that are sent one by one.
     """
 
     def __init__(self, name: str, path: str, follow: bool,
@@ -129,7 +138,9 @@ class LogfileWatcher:
         self.follow = follow
         self.beneath = beneath
         self.refused: str | None = None
-        self.file: Any = None
+        #: Why the file is not read (not a regular file); None while nothing was refused.
+        self.not_read: str | None = None
+        self.fd = -1
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.recorded = self._stat()
 
@@ -150,43 +161,53 @@ class LogfileWatcher:
             return None
         return (st.st_ctime, st.st_mtime, st.st_size)
 
-    def _open(self) -> Any:
-        if self.beneath is None:
-            return open(self.path, "rb")  # noqa: SIM115 - closed in stop()
+    def _open(self) -> int:
         try:
-            fd = self.beneath.open(self.path, os.O_RDONLY)
+            return open_regular(self.path, self.beneath)
         except paths.PathRefused as e:
             self.refused = str(e)
             raise OSError(str(e)) from None
-        return os.fdopen(fd, "rb")
+        except NotRegularFile as e:
+            self.not_read = str(e)
+            raise
 
-    def poll(self) -> str:
-        """Text that appeared since the last poll ('' if none)."""
-        if self.file is None:
+    def poll(self, final: bool = False) -> Iterator[str]:
+        """The text that appeared since the last poll, in pieces (none if nothing new).
+
+        ``final``: the command has ended; read up to the file's size now, however large."""
+        if self.fd < 0:
             current = self._stat()
             if current is None:
                 self.recorded = None
-                return ""
+                return
             if current == self.recorded:
-                return ""
+                return
             try:
-                self.file = self._open()
+                self.fd = self._open()
+            except NotRegularFile:
+                self.recorded = current  # tried again only once it changes
+                return
             except OSError:
-                return ""
+                return
             if self.follow:
-                self.file.seek(current[2])
-        chunks = []
-        while True:
-            data = self.file.read(LOGFILE_READ_SIZE)
+                os.lseek(self.fd, current[2], os.SEEK_SET)
+        if final:
+            left = os.fstat(self.fd).st_size - os.lseek(self.fd, 0, os.SEEK_CUR)
+        else:
+            left = LOGFILE_READ_SIZE
+        while left > 0:
+            data = os.read(self.fd, min(left, LOGFILE_READ_SIZE))
             if not data:
                 break
-            chunks.append(self.decoder.decode(data))
-        return "".join(chunks)
+            left -= len(data)
+            text = self.decoder.decode(data)
+            if text:
+                yield text
 
     def stop(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class ProcessRunner:
@@ -249,6 +270,8 @@ class ProcessRunner:
             if not isinstance(filename, str):
                 raise CommandError(f"logfile '{name}' needs a filename string")
             self.watchers.append(LogfileWatcher(str(name), os.path.join(workdir, filename), follow))
+        #: The logfiles whose :attr:`LogfileWatcher.not_read` the header reported.
+        self.not_read_reported: set[str] = set()
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False
         self.line_count = 0
@@ -382,14 +405,18 @@ class ProcessRunner:
                 pass
         self.channel.peak_rss = max(self.channel.peak_rss, total)
 
-    def _poll_logfiles(self) -> bool:
-        """Send what the watched logfiles gained; True if any had new text."""
+    def _poll_logfiles(self, final: bool = False) -> bool:
+        """Send what the watched logfiles gained (``final``: all they hold now, at the end);
+        True if any had new text. A logfile found not to be a regular file is reported in
+        the header, once."""
         active = False
         for w in self.watchers:
-            text = w.poll()
-            if text:
+            for text in w.poll(final):
                 active = True
                 self.channel.log(w.name, text, force=True)
+            if w.not_read is not None and w.name not in self.not_read_reported:
+                self.not_read_reported.add(w.name)
+                self._header(f"logfile '{w.name}' not read: {w.not_read}\n")
         return active
 
     def _wanted(self, key: str) -> bool:
@@ -675,7 +702,7 @@ class _RunState:
                 channel.peak_rss = max(channel.peak_rss, rusage.ru_maxrss * 1024)
         rc = proc.wait()
         elapsed = time.time() - started
-        runner._poll_logfiles()
+        runner._poll_logfiles(final=True)
         for w in runner.watchers:
             w.stop()
         sig = -rc if rc < 0 else None

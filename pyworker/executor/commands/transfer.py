@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import stat
 import sys
 import tarfile
@@ -51,7 +50,7 @@ from typing import Any, ClassVar
 from pyworker import frames, iocore, paths
 from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
 from pyworker.executor.channel import Channel, CommandError, Interrupted
-from pyworker.executor.commands.base import Command
+from pyworker.executor.commands.base import Command, NotRegularFile, open_regular
 from pyworker.executor.compress import ChunkedCompressor, default_threads
 from pyworker.iocore import _python as python_iocore
 
@@ -87,15 +86,6 @@ class _Transfer(Command):
         self.rc = 0
         self.stderr: str | None = None
         self.failure: str | None = None
-        self._poll = select.poll()
-        self._poll.register(channel.rfd, select.POLLIN)
-
-    # -- control frames ------------------------------------------------------------------
-
-    def absorb_available(self) -> None:
-        """Read whatever control frames are already waiting, without blocking."""
-        while self._poll.poll(0):
-            self.channel.fill()
 
     @property
     def interrupted(self) -> bool:
@@ -162,7 +152,7 @@ class _Upload(_Transfer):
 
     def make_room(self, n: int) -> bool:
         """Wait until ``n`` more bytes fit in the window; False if we must stop sending."""
-        self.absorb_available()
+        self.channel.absorb_available()
         try:
             while self.channel.has_frame() and self.frames:
                 self._ack()
@@ -190,6 +180,10 @@ class UploadFile(_Upload):
         try:
             try:
                 fd, times = self._open_source(keepstamp)
+            except NotRegularFile as e:  # a directory: the reference's message; else why
+                self.stderr = f"Cannot open file '{self.path}' for upload" + (
+                    "" if e.kind == "a directory" else f": {e}")
+                self.rc = 1
             except OSError:
                 self.stderr = f"Cannot open file '{self.path}' for upload"
                 self.rc = 1
@@ -220,22 +214,13 @@ class UploadFile(_Upload):
         """The file to send, open, and its (atime, mtime) if ``keepstamp``; nothing is left
         open when this raises."""
         times: tuple[float, float] | None = None
-        if self.beneath is not None:
-            fd = self.beneath.open(self.path, os.O_RDONLY)
-        else:
-            if keepstamp:
-                st = os.stat(self.path)
-                times = (st.st_atime, st.st_mtime)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        if keepstamp and self.beneath is None:
+            st = os.stat(self.path)
+            times = (st.st_atime, st.st_mtime)
+        fd = open_regular(self.path, self.beneath)
+        if keepstamp and self.beneath is not None:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
-            if keepstamp and self.beneath is not None:
-                times = (st.st_atime, st.st_mtime)
-        except BaseException:
-            os.close(fd)
-            raise
+            times = (st.st_atime, st.st_mtime)
         return fd, times
 
     def _send(self, fd: int) -> None:
@@ -357,6 +342,9 @@ class DownloadFile(_Transfer):
                                                                         self.path, mode)
                 else:
                     target, tmp, fd = _open_destination(self.path, mode)
+            except NotRegularFile as e:
+                self.stderr = f"Cannot open file '{self.path}' for download: {e}"
+                self.rc = 1
             except OSError:
                 self.stderr = f"Cannot open file '{self.path}' for download"
                 self.rc = 1
@@ -397,7 +385,7 @@ class DownloadFile(_Transfer):
         eof = False
         limit_reached = False
         while True:
-            self.absorb_available()
+            self.channel.absorb_available()
             stopping = eof or self.failure is not None or self.interrupted
             while not stopping and asked + self.block <= self.window:
                 n = self.block
@@ -459,6 +447,8 @@ def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(target)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(target, st.st_mode)  # a FIFO or a device: never renamed over
     if mode is None:
         if st is not None:
             mode = stat.S_IMODE(st.st_mode)
@@ -508,8 +498,10 @@ def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | Non
             st: os.stat_result | None = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
+        if st is not None and (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, st.st_mode)
         if mode is None:
             if st is not None:
                 mode = stat.S_IMODE(st.st_mode)
@@ -592,11 +584,10 @@ class BeneathTarStream(python_iocore.TarStream):
             fd: int | None = None
             if info.type == tarfile.REGTYPE and info.size > 0:  # opened last: nothing after
                 try:                                             # it can fail and leak it
-                    fd = os.open(here, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 dir_fd=dir_fd)
+                    fd = python_iocore.open_regular_or_none(here, dir_fd, os.O_NOFOLLOW)
                 except OSError:
                     fd = -1  # gone, or not that file any more: zeros
-                else:
+                if fd >= 0:
                     try:
                         self._beneath.check_fd(path, fd)
                     except BaseException:
