@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realmaster import PB_PROTOCOL, Builder, RealMaster, master_fixture, wait_for
+from realmaster import Builder, RealMaster, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib" / "docker"
@@ -84,13 +84,27 @@ class LocalContainerWorker(DockerBaseWorker):
             f.write(f'{rc}\\n')
 
 
+from buildbot.process import buildstep, results as _results
+
+
+class WorkerEnviron(buildstep.BuildStep):
+    '''Logs the environment the worker reported in getWorkerInfo (the master keeps it).'''
+    name = 'worker-environ'
+
+    async def run(self):
+        log = await self.addLog('environ')
+        environ = self.build.workerforbuilder.worker.worker_environ
+        await log.addStdout(json.dumps(environ, sort_keys=True) + '\\n')
+        return _results.SUCCESS
+
+
 c['workers'].append(LocalContainerWorker(
     'latent1', %(password)r, run_dir=%(run_dir)r, image_dir=%(image_dir)r, path=%(path)r,
     extra_env=%(extra_env)r, build_wait_timeout=0))
 """
 
 STEPS = (
-    "[steps.ShellCommand(name='env', command=['env']),"
+    "[WorkerEnviron(), steps.ShellCommand(name='env', command=['env']),"
     " steps.ShellCommand(name='ancestors', command=[%(python)r, '-c', %(ancestors)r],"
     " logEnviron=False)]"
 )
@@ -104,7 +118,8 @@ ANCESTORS = (
     "    except OSError as e:\n"
     "        print(pid, 'unreadable', e.errno)\n"
     "    else:\n"
-    f"        print(pid, 'LEAK' if b'{PASSWORD}' in data else 'clean')\n"
+    # the password written backwards: the step's own command line must not hold it
+    f"        print(pid, 'LEAK' if {PASSWORD[::-1].encode()!r}[::-1] in data else 'clean')\n"
     "    pid = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])\n"
 )
 
@@ -149,14 +164,14 @@ def test_substantiate_build_insubstantiate_and_again(master: RealMaster, run_dir
         assert PASSWORD not in json.dumps([s.logs for s in build.steps])
         ancestors = build.step("ancestors").stream("stdio", "o")
         assert "LEAK" not in ancestors, ancestors
-        workers = master.get("workers", name="latent1")["workers"]
-        infos.append(workers[0]["workerinfo"])
+        infos.append(json.loads(build.step("worker-environ").stream("environ", "o")))
         # the build is over: build_wait_timeout=0 stops the "container", which must exit 0
         wait_for(lambda n=n: len(_exits(run_dir)) >= n or None, 60,
                  f"the worker of build {n} to be stopped", master.logs)
         assert _exits(run_dir)[n - 1] == "0", _exits(run_dir)
-    assert PB_PROTOCOL  # the image's default protocol
-    assert all(info.get("environ") for info in infos), "getWorkerInfo reports no environ"
+    # getWorkerInfo's environ: the container's variables, less the password
+    assert all(info.get("WORKERNAME") == "latent1" for info in infos), infos
+    assert not any("WORKERPASS" in info for info in infos)
     assert PASSWORD not in json.dumps(infos)
     environments = [json.loads(line)
                     for line in (run_dir / "environments.jsonl").read_text().splitlines()]
