@@ -29,6 +29,7 @@ from twisted.python.log import FileLogObserver as LegacyFileLogObserver
 from twisted.python.log import ILogObserver as LegacyILogObserver
 from twisted.python.logfile import LogFile
 
+from pyworker import linux
 from pyworker.cli import worker_shim
 from pyworker.config import (
     SETTINGS,
@@ -311,7 +312,8 @@ def run_tac(source: str, path: str) -> LoadedTac:
     (buildbot-worker's ``start`` puts it there); ``__file__`` is the tac's name, relative
     to it, as twistd has it. ``buildbot_worker`` is pyworker's stand-in
     (:mod:`pyworker.cli.worker_shim`). Working directory and ``sys.path`` are put back
-    afterwards; what the tac does to ``os.environ`` stays (the worker's commands see it).
+    afterwards; what the tac does to ``os.environ`` stays (the worker's commands see it), and
+    a variable it removes is also erased from the process's initial environment block.
     """
     if TAC_MARKER not in source:
         raise TacError(f"{path} is not a buildbot worker tac (no {TAC_MARKER})")
@@ -326,6 +328,7 @@ def run_tac(source: str, path: str) -> LoadedTac:
     except OSError:
         saved_cwd = None
     folder = os.path.dirname(path)
+    environment = set(os.environ)
     try:
         with worker_shim.installed():
             os.chdir(folder)
@@ -337,6 +340,9 @@ def run_tac(source: str, path: str) -> LoadedTac:
         sys.path[:] = saved_path
         if saved_cwd is not None:
             os.chdir(saved_cwd)
+    # What the tac took out of the environment (a password, as the official image's tac
+    # does) must not stay readable in /proc/<pid>/environ either.
+    linux.erase_initial_environment(environment - set(os.environ))
     return _loaded(namespace, path)
 
 
