@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need, from nothing, idempotently:
 #   .venvs/master  a real Buildbot 4.3.0 master (+ buildbot-www for the REST API, the
-#                  reference worker buildbot-worker 4.3.0, and Buildbot's interop tests,
-#                  which only ship in the sdist)
+#                  reference worker buildbot-worker 4.3.0, and Buildbot's integration tests,
+#                  interop suite included, which only ship in the sdist)
 #   .venvs/worker  pyworker itself with its [test] extras
 # A venv whose recorded stamp (pins, python version, project metadata hash) is unchanged
 # is kept; pyworker itself is always reinstalled (non-editable) into .venvs/worker.
@@ -14,9 +14,11 @@ PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export DEBIAN_FRONTEND=noninteractive
 
-# The master's pins: newer twisted/alembic break Buildbot 4.3.0's own tests.
+# The master's pins: newer twisted/alembic break Buildbot 4.3.0's own tests. The
+# 'configurable' extra (evalidate) is what test_steps_configurable in Buildbot's integration
+# suite needs.
 MASTER_PINS=(
-    "buildbot==4.3.0"
+    "buildbot[configurable]==4.3.0"
     "buildbot-www==4.3.0"
     "buildbot-worker==4.3.0"
     "twisted==25.5.0"

@@ -5,7 +5,8 @@
 # import across the architecture's layers) -> mypy (pyworker/, config in pyproject.toml;
 # skipped with a NOTE while the worker venv has no mypy) -> pytest tests/ once per I/O
 # backend (PYWORKER_IO=c, PYWORKER_IO=python) -> Buildbot's interop suite against pyworker
-# (cases in ci/interop-cases.txt) -> wheel (ci/wheel-smoke.sh) -> sanitizers
+# (cases in ci/interop-cases.txt) -> Buildbot's integration suite against pyworker (modules in
+# ci/integration-cases.txt), each once per I/O backend -> wheel (ci/wheel-smoke.sh) -> sanitizers
 # (ci/sanitizers.sh) -> bench/ in short mode. Every stage after setup runs even if an
 # earlier one failed; the exit code is non-zero if any stage failed.
 # pytest's exit code 5 ("no tests collected") counts as success.
@@ -52,7 +53,7 @@ summary_and_exit() {
     banner "summary"
     local i failed=()
     for i in "${!STAGES[@]}"; do
-        printf '  %-28s %-36s %5ss\n' "${STAGES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+        printf '  %-32s %-36s %5ss\n' "${STAGES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
         [[ "${RESULTS[$i]}" == ok* ]] || failed+=("${STAGES[$i]}")
     done
     if ((${#failed[@]})); then
@@ -111,28 +112,37 @@ else
     run_stage pytest yes env -u PYWORKER_IO "${PYTEST[@]}" "$ROOT/tests"
 fi
 
-# ---- Buildbot's interop suite against pyworker ------------------------------------------------
-mapfile -t INTEROP_CASES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$ROOT/ci/interop-cases.txt" \
-    | grep -v '^$')
-if ((${#INTEROP_CASES[@]})); then
-    # Buildbot starts the worker with an empty environment, so each I/O backend gets a
-    # launcher that sets PYWORKER_IO itself.
+# ---- Buildbot's own trial suites against pyworker ----------------------------------------------
+# trial_stages <stage name> <list file>: one stage per I/O backend, running the trial names in
+# the list file (one a line, '#' starts a comment) with SANDBOXED_WORKER_PATH set to pyworker.
+# Buildbot starts the worker with an empty environment, so each I/O backend gets a launcher
+# that sets PYWORKER_IO itself.
+trial_stages() {
+    local stage="$1" list="$2" backend trial_dir launcher
+    local cases=()
+    mapfile -t cases < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$list" | grep -v '^$')
+    ((${#cases[@]})) || return 0
     for backend in c python; do
-        TRIAL_DIR="$(mktemp -d)"   # trial writes _trial_temp into its cwd
-        LAUNCHER="$TRIAL_DIR/pyworker-$backend"
+        trial_dir="$(mktemp -d)"   # trial writes _trial_temp into its cwd
+        launcher="$trial_dir/pyworker-$backend"
         printf '#!%s\nimport os, sys\nos.environ["PYWORKER_IO"] = "%s"\nos.execv(%s, [%s] + sys.argv[1:])\n' \
-            "$WORKER_VENV/bin/python" "$backend" "'$PYWORKER'" "'$PYWORKER'" > "$LAUNCHER"
-        chmod +x "$LAUNCHER"
-        run_stage "interop[PYWORKER_IO=$backend]" no env -C "$TRIAL_DIR" \
-            SANDBOXED_WORKER_PATH="$LAUNCHER" \
-            "$MASTER_VENV/bin/python" -m twisted.trial "${INTEROP_CASES[@]}"
-        if [[ "${RESULTS[-1]}" != ok* && -d "$TRIAL_DIR/_trial_temp" ]]; then
-            echo "---- interop: tail of _trial_temp/test.log ----"
-            tail -n 80 "$TRIAL_DIR/_trial_temp/test.log" 2>/dev/null
+            "$WORKER_VENV/bin/python" "$backend" "'$PYWORKER'" "'$PYWORKER'" > "$launcher"
+        chmod +x "$launcher"
+        run_stage "$stage[PYWORKER_IO=$backend]" no env -C "$trial_dir" \
+            SANDBOXED_WORKER_PATH="$launcher" \
+            "$MASTER_VENV/bin/python" -m twisted.trial "${cases[@]}"
+        if [[ "${RESULTS[-1]}" != ok* && -d "$trial_dir/_trial_temp" ]]; then
+            echo "---- $stage: tail of _trial_temp/test.log ----"
+            tail -n 80 "$trial_dir/_trial_temp/test.log" 2>/dev/null
         fi
-        rm -rf "$TRIAL_DIR"
+        rm -rf "$trial_dir"
     done
-fi
+}
+
+# Buildbot's interop suite (ci/interop-cases.txt), then the modules of its integration suite
+# that run with a sandboxed worker (ci/integration-cases.txt).
+trial_stages interop "$ROOT/ci/interop-cases.txt"
+trial_stages integration "$ROOT/ci/integration-cases.txt"
 
 # ---- the wheel, from a clean venv (nothing from the source tree can leak in) ------------------
 run_stage wheel no bash "$ROOT/ci/wheel-smoke.sh" "$WORKER_VENV/bin/python"

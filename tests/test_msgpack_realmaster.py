@@ -8,8 +8,8 @@ File-system commands, transfers, interrupts, reconnection and shutdown follow.
 Where the 4.3.0 master itself is broken over msgpack, the tests state what it does:
 
 * downloads: the master answers every ``update_read_file`` with ``None`` (it drops the data),
-  so the reference worker writes an *empty* file and reports success; pyworker fails the step
-  and leaves the destination alone;
+  so the reference worker writes an *empty* file and reports success; so does pyworker, which
+  also says in its log that the master sent no data;
 * ``keepstamp``: the master calls the writer's ``utime`` with two literal strings, which
   raises, so the reference worker's upload ends in EXCEPTION; pyworker keeps the (complete)
   upload and the master's file simply has the master's own time stamps.
@@ -102,7 +102,7 @@ TRANSFERS = {
     "keepstamp": f"[steps.FileUpload(workersrc={P_SRC}, masterdest={P_DST}, keepstamp=True)]",
     "dirupload": f"[steps.DirectoryUpload(workersrc={P_SRC}, masterdest={P_DST},"
     " compress='gz')]",
-    "download": f"[steps.FileDownload(mastersrc={P_SRC}, workerdest={P_DST})]",
+    "download": f"[steps.FileDownload(mastersrc={P_SRC}, workerdest={P_DST}, mode=0o640)]",
     "missing": f"[steps.FileUpload(workersrc={P_SRC}, masterdest={P_DST})]",
 }
 OTHER = {
@@ -282,24 +282,29 @@ def test_keepstamp_master_bug(
 def test_download_master_bug(
     master: RealMaster, workers: dict[str, WorkerProcess], tmp_path: Path
 ) -> None:
-    """The 4.3.0 master answers every read with None: the reference writes an empty file
-    and reports SUCCESS; pyworker fails the step and leaves the destination untouched."""
+    """The 4.3.0 master answers every read with None: the reference takes it for the end of
+    the file, writes an empty file (with the step's mode) and reports SUCCESS; so does
+    pyworker, and its log says, once, that the master sent no data."""
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload" * 1000)
+    dsts = {}
     for who, w in workers.items():
-        dst = w.basedir / f"download-{who}" / "build" / "dst.bin"
+        dsts[who] = dst = w.basedir / f"download-{who}" / "build" / "dst.bin"
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(b"previous\n")
+        dst.chmod(0o600)
     props = {who: {"src": str(src), "dst": "dst.bin"} for who in WHO}
     ref, py = _both(master, "download", props)
-    assert ref.result == "SUCCESS", ref.describe()
-    assert (workers["ref"].basedir / "download-ref" / "build" / "dst.bin").read_bytes() == b""
-    assert py.result in ("FAILURE", "EXCEPTION"), py.describe()
-    assert (workers["py"].basedir / "download-py" / "build" / "dst.bin").read_bytes() == (
-        b"previous\n"
-    )
-    everything = "".join(t for s in py.steps for t in s.logs.values()) + master.logs(400)
-    assert "the master answered the read with no data" in everything
+    assert py.result == ref.result == "SUCCESS", py.describe() + "\n---\n" + ref.describe()
+    assert _normalized(py, workers["py"]) == _normalized(ref, workers["ref"])
+    for who in WHO:
+        assert dsts[who].read_bytes() == b"", who
+        assert dsts[who].stat().st_mode & 0o7777 == 0o640, who
+    said = [line for line in workers["py"].twistd_log.read_text().splitlines()
+            if "the master answered a read with no data" in line]
+    assert len(said) == 1, said
+    assert "(command " in said[0]
+    assert "treating it as the end of the file, as buildbot-worker does" in said[0]
 
 
 # -- interrupt -----------------------------------------------------------------------------

@@ -14,10 +14,10 @@ through, less the leftover master-side keys of the transfer commands.
 What the 4.3.0 master gets wrong, and what we do about it:
 
 * ``update_read_file``: the master reads the block and answers ``None`` instead of the data,
-  so a download cannot receive a single byte. The reference worker takes ``None`` for the end
-  of the file and writes an empty file with rc 0; we fail the download instead (the old
-  destination file, if any, is left untouched), because an empty file reported as a success
-  is silently wrong data.
+  so a download cannot receive a single byte. As the reference worker does, we take ``None``
+  for the end of the file: the download writes what it got (an empty file, with ``mode``
+  applied) and ends with rc 0. The worker log says so, once per download, with the command
+  id, since the step itself cannot tell.
 * ``update_upload_file_utime``: the master calls the writer's ``utime`` with two literal
   strings, which always raises. The reference worker turns that into an EXCEPTION step; we
   keep the upload (the file is written and closed before ``utime``) and only log that the
@@ -60,9 +60,10 @@ TRANSFER_LEFTOVERS: dict[str, tuple[str, ...]] = {
 DIRECTORY_UPLOADS = frozenset({"upload_directory", "uploadDirectory"})
 #: The text the 4.3.0 master answers ``update_upload_file_utime`` with (its own TypeError).
 MASTER_UTIME_BUG = "remote_utime() takes"
-READ_NONE_ERROR = (
-    "the master answered the read with no data (Buildbot 4.3.0 masters drop downloaded data "
-    "over msgpack); the download was abandoned"
+#: Logged once per download whose read the master answered with ``None``.
+READ_NONE_WARNING = (
+    "(command {id}): the master answered a read with no data (Buildbot 4.3.0 masters drop "
+    "downloaded data over msgpack); treating it as the end of the file, as buildbot-worker does"
 )
 
 
@@ -152,6 +153,8 @@ class MsgpackMasterSide:
         self.command_id = command_id
         self.command = command
         self.partial: dict[Any, str] = {}
+        #: The master answered a read with ``None`` (logged once per command).
+        self.read_none = False
 
     def _whole(self, key: Any, text: str) -> str:
         held = self.partial.pop(key, "")
@@ -213,7 +216,7 @@ class MsgpackMasterSide:
             return self._request(msg).addErrback(self._utime_failed)
         elif target == "reader" and method == "read":
             return self._request({"op": "update_read_file", "length": int(args[0])}).addCallback(
-                _read_result
+                self._read_result
             )
         elif target == "reader" and method == "close":
             msg = {"op": "update_read_file_close"}
@@ -231,15 +234,18 @@ class MsgpackMasterSide:
             return None
         return f
 
+    def _read_result(self, data: Any) -> Any:
+        """A read's answer; ``None`` (the 4.3.0 master's bug) is the end of the file."""
+        if data is None:
+            if not self.read_none:
+                self.read_none = True
+                log.warn(READ_NONE_WARNING, id=self.command_id)
+            return b""
+        return data
+
     def _request(self, msg: dict[str, Any]) -> defer.Deferred[Any]:
         msg["command_id"] = self.command_id
         return self.proto.request(msg)
-
-
-def _read_result(data: Any) -> Any:
-    if data is None:
-        raise RuntimeError(READ_NONE_ERROR)
-    return data
 
 
 # -- the connection -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import txaio
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from unit_fakes import FakePool, StopRecorder, make_config, text_frame, value_frame
 
@@ -24,7 +25,7 @@ from pyworker.frontend import metrics
 from pyworker.frontend.core import WorkerCore
 from pyworker.frontend.msgpack import (
     MASTER_UTIME_BUG,
-    READ_NONE_ERROR,
+    READ_NONE_WARNING,
     ConnectionLostError,
     MsgpackFactory,
     MsgpackFront,
@@ -304,9 +305,20 @@ def test_master_bugs_in_utime_and_read_are_handled(master: Master) -> None:
                  "result": "disk full"})
     assert results[-1].check(RemoteError) and str(results[-1].value) == "disk full"
 
+    # the master answers reads with None: the end of the file, as the reference takes it,
+    # said once in the worker log however many reads were in flight
+    with capturedLogs() as events:
+        for _ in range(2):
+            side.call("reader", "read", (4096,)).addBoth(results.append)
+        first, second = master.received()
+        assert first == {"op": "update_read_file", "length": 4096, "command_id": "c1",
+                         "seq_number": first["seq_number"]}
+        for msg in (first, second):
+            master.send({"op": "response", "seq_number": msg["seq_number"], "result": None})
+    assert results[-2:] == [b"", b""]
+    said = [formatEvent(e) for e in events if e.get("log_format") == READ_NONE_WARNING]
+    assert said == [READ_NONE_WARNING.format(id="c1")]
     side.call("reader", "read", (4096,)).addBoth(results.append)
     (msg,) = master.received()
-    assert msg == {"op": "update_read_file", "length": 4096, "command_id": "c1",
-                   "seq_number": msg["seq_number"]}
-    master.send({"op": "response", "seq_number": msg["seq_number"], "result": None})
-    assert str(results[-1].value) == READ_NONE_ERROR
+    master.send({"op": "response", "seq_number": msg["seq_number"], "result": b"data"})
+    assert results[-1] == b"data"
