@@ -46,7 +46,8 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 BLOCK = 64 * 1024
 LINE = 64
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The directory that holds the ``pyworker`` package these sources belong to.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class BenchFailure(Exception):
