@@ -903,38 +903,38 @@ class Bench:
         before = tree_cpu(w.ps)
         peak_f, peak_t = tree_rss(w.ps)
         mem = OwnMemory(w.ps)
-        start = time.perf_counter()
-        fut = self.reactor.call(go)
-        timeout = 120 + payload / MiB + 5 * len(jobs)
-        while True:
-            try:
-                master_cpu = fut.result(0.05)
-                break
-            except concurrent.futures.TimeoutError:
-                pass
-            except defer.FirstError as e:
-                raise BenchFailure(f"{w.label}: {e.subFailure.value}") from None
-            except Exception as e:
-                raise BenchFailure(f"{w.label}: {e}") from None
-            f, t = tree_rss(w.ps)
-            peak_f, peak_t = max(peak_f, f), max(peak_t, t)
-            mem.sample()
-            elapsed = time.perf_counter() - start
-            done = f"{len(results)}/{len(jobs)} commands" if sequential else ""
-            self.progress.update(f"{self.status}  {elapsed:5.1f} s {done}")
-            if elapsed > timeout:
-                raise BenchFailure(
-                    f"{w.label}: no complete after {timeout:.0f} s "
-                    f"({len(results)}/{len(jobs)} commands done)"
-                )
-            if w.proc.poll() is not None:
-                raise BenchFailure(
-                    f"{w.label}: the worker exited ({w.proc.returncode}) during the scenario\n"
-                    + w.log_tail()
-                )
-        r.wall = time.perf_counter() - start
+        with mem.sampling():  # in a thread: reading smaps of many processes is slow
+            start = time.perf_counter()
+            fut = self.reactor.call(go)
+            timeout = 120 + payload / MiB + 5 * len(jobs)
+            while True:
+                try:
+                    master_cpu = fut.result(0.05)
+                    break
+                except concurrent.futures.TimeoutError:
+                    pass
+                except defer.FirstError as e:
+                    raise BenchFailure(f"{w.label}: {e.subFailure.value}") from None
+                except Exception as e:
+                    raise BenchFailure(f"{w.label}: {e}") from None
+                f, t = tree_rss(w.ps)
+                peak_f, peak_t = max(peak_f, f), max(peak_t, t)
+                elapsed = time.perf_counter() - start
+                done = f"{len(results)}/{len(jobs)} commands" if sequential else ""
+                self.progress.update(f"{self.status}  {elapsed:5.1f} s {done}")
+                if elapsed > timeout:
+                    raise BenchFailure(
+                        f"{w.label}: no complete after {timeout:.0f} s "
+                        f"({len(results)}/{len(jobs)} commands done)"
+                    )
+                if w.proc.poll() is not None:
+                    raise BenchFailure(
+                        f"{w.label}: the worker exited ({w.proc.returncode}) during the scenario\n"
+                        + w.log_tail()
+                    )
+            r.wall = time.perf_counter() - start  # before the sampling thread is joined
         after = tree_cpu(w.ps)
-        mem.finish()
+        mem.sample(force=True)  # the end: every command has completed
         r.take_memory(mem)
         r.payload = payload
         r.cpu = after.total - before.total
@@ -1081,6 +1081,8 @@ def ratios(kind: str, base: dict[str, Any], other: dict[str, Any]) -> dict[str, 
         }
     if "p50_ms" not in base or "p50_ms" not in other:
         return None
+    if not base["p50_ms"] or not other["p50_ms"]:
+        return None  # no command (the worker at rest): only the memory columns mean much
     return {
         "speed": div(other["p50_ms"], base["p50_ms"]),
         "cpu": div(other["cpu_ms_per_cmd"], base["cpu_ms_per_cmd"]),
