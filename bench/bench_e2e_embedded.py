@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from pyworker.bench import profiler as pb_bench
+from pyworker.bench import scenarios as pb_scenarios
 
 SCALE = float(os.environ.get("PYWORKER_BENCH_SCALE", "0.25"))
 
@@ -45,7 +46,7 @@ HAVE_TRANSFERS = importlib.util.find_spec("pyworker.executor.commands.transfer")
 
 
 def _scenario(name: str) -> pb_bench.Scenario:
-    return next(s for s in pb_bench.SCENARIOS if s.name == name)
+    return next(s for s in pb_scenarios.all_scenarios() if s.name == name)
 
 
 def _run(benchmark: Any, session: tuple[pb_bench.Bench, pb_bench.Worker], name: str) -> None:
@@ -82,6 +83,12 @@ def _run(benchmark: Any, session: tuple[pb_bench.Bench, pb_bench.Worker], name: 
         "latency",
         "latency-stat",
         "latency-burst",
+        "idle",
+        "burst-8",
+        "burst-64",
+        "concurrent-streams",
+        "concurrent-steps",
+        "start-stop",
     ],
 )
 def test_e2e_embedded(benchmark: Any, session: Any, name: str) -> None:

@@ -17,10 +17,12 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from twisted.spread import banana
 
@@ -75,6 +77,71 @@ def test_quick_run_against_real_pyworker(tmp_path: Path) -> None:
     assert lat["commands"] >= 10 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     # the table is printed per scenario
     assert re.search(r"^stdout-pipe: .*\n\s+worker\s+MiB/s", proc.stdout, re.M)
+
+
+def test_own_memory_bursts_concurrency_and_start_scenarios(tmp_path: Path) -> None:
+    """Issue 14's scenarios run, validate and report the worker's own memory beside RSS."""
+    out = tmp_path / "bench.json"
+    scenarios = ["idle", "streams", "burst-8", "concurrent-steps", "start-stop", "idle-after"]
+    args = ["--quick", "--scale", "0.25", "--no-progress", "--json", str(out)]
+    for s in scenarios:
+        args += ["--only", s]
+    proc, report = run_bench(args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report is not None and report["ok"] is True
+    assert list(report["scenarios"]) == scenarios  # in the order they run
+    for name in scenarios:
+        s = report["scenarios"][name]["summary"]["pyworker"]
+        assert s["ok"], (name, s)
+        # PSS and USS of the front end and its executors: each process's USS <= its PSS
+        assert 0 < s["own_uss_peak_mib"] <= s["own_pss_peak_mib"], (name, s)
+        assert 0 < s["own_uss_end_mib"] <= s["own_pss_end_mib"] <= s["own_pss_peak_mib"]
+        assert s["peak_processes"] >= 1 and s["peak_rss_mib"] > 0
+    burst = report["scenarios"]["burst-8"]["summary"]["pyworker"]
+    assert burst["commands"] == 8
+    assert 0 < burst["serial_p50_ms"] <= burst["serial_p95_ms"]
+    assert 0 < burst["p50_ms"] <= burst["p95_ms"] <= burst["max_ms"]
+    steps = report["scenarios"]["concurrent-steps"]["summary"]["pyworker"]
+    assert steps["commands"] == 64  # 64 builders x 1 step at this scale
+    start = report["scenarios"]["start-stop"]["summary"]["pyworker"]
+    assert 0 < start["attach_p50_ms"] <= start["p50_ms"] and start["stop_p50_ms"] > 0
+    # the table: the memory columns beside RSS, and the targets' lines
+    assert re.search(r"^\s+worker\s+MiB/s.*RSS MiB\s+PSS pk\s+USS pk\s+PSS end\s+procs",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(r"serial p50 [\d.]+ ms; at once p50 [\d.]+ ms, p95 [\d.]+ ms: p50 "
+                     r"[\d.]+x serial", proc.stdout), proc.stdout
+    assert re.search(r"start --nodaemon to attached p50 \d+ ms, to a first command answered "
+                     r"p50 \d+ ms", proc.stdout), proc.stdout
+
+
+def test_own_memory_counts_executors_and_finds_leftovers() -> None:
+    """A stand-in front end with one child marked as an executor and one command child."""
+    from pyworker.bench import memory
+
+    front = subprocess.Popen(
+        ["sh", "-c", f"sleep 60 & exec {sys.executable} -c "
+         "'import subprocess, sys, time; "
+         "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\", "
+         "\"pyworker.executor\"]); time.sleep(60)'"]
+    )
+    try:
+        ps = psutil.Process(front.pid)
+        deadline = time.monotonic() + 30
+        while len(ps.children(recursive=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own = memory.own_processes(ps)
+        assert len(own) == 2 and own[0].pid == ps.pid
+        assert "pyworker.executor" in own[1].cmdline()
+        sample = memory.own_memory(ps)
+        assert sample.processes == 2 and sample.executors == 1
+        assert 0 < sample.uss <= sample.pss
+        left = memory.leftovers(ps)
+        assert len(left) == 1 and "sleep 60" in left[0], left
+    finally:
+        for child in psutil.Process(front.pid).children(recursive=True):
+            child.kill()
+        front.kill()
+        front.wait()
 
 
 #: A worker with the buildbot-worker command line that runs shell commands but drops one

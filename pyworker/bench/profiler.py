@@ -13,7 +13,9 @@ the run) and measures:
   commands they run, from psutil) per GiB of payload; ``fe`` is the front end alone;
 * ``master s/GiB``: CPU of the embedded master's reactor thread, to show it is not the
   bottleneck;
-* ``RSS``: peak resident memory of the worker tree (sampled every 50 ms);
+* ``RSS``: peak resident memory of the worker tree, commands included (sampled every 50 ms);
+* ``PSS``/``USS``: the :mod:`worker's own memory <pyworker.bench.memory>` (front end and
+  executors, without the commands), peak and at the end of the scenario;
 * latency scenarios: per-command latency percentiles and CPU milliseconds per command.
 
 Workers given with ``--against`` or ``--compare-backends`` run interleaved (scenario by
@@ -42,11 +44,14 @@ from typing import Any
 
 import psutil
 
+from pyworker.bench.memory import OwnMemory
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 BLOCK = 64 * 1024
 LINE = 64
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The directory that holds the ``pyworker`` package these sources belong to.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class BenchFailure(Exception):
@@ -351,6 +356,11 @@ class Run:
     master_cpu: float = 0.0
     peak_rss: int = 0
     peak_rss_frontend: int = 0
+    own_pss_peak: int = 0
+    own_uss_peak: int = 0
+    own_pss_end: int = 0
+    own_uss_end: int = 0
+    peak_processes: int = 0
     commands: int = 0
     latencies: list[float] = field(default_factory=list)
     error: str | None = None
@@ -363,6 +373,22 @@ class Run:
     def per_gib(self, cpu: float) -> float:
         return cpu / (self.payload / GiB) if self.payload else 0.0
 
+    def take_memory(self, mem: OwnMemory) -> None:
+        """Peaks from ``mem`` (kept if higher), end values replaced."""
+        self.own_pss_peak = max(self.own_pss_peak, mem.peak.pss)
+        self.own_uss_peak = max(self.own_uss_peak, mem.peak.uss)
+        self.own_pss_end, self.own_uss_end = mem.end.pss, mem.end.uss
+        self.peak_processes = max(self.peak_processes, mem.peak_tree_processes)
+
+    def take_peaks(self, sub: Run) -> None:
+        """Memory of a sub-run (one round of a scenario): peaks kept, end values replaced."""
+        self.peak_rss = max(self.peak_rss, sub.peak_rss)
+        self.peak_rss_frontend = max(self.peak_rss_frontend, sub.peak_rss_frontend)
+        self.own_pss_peak = max(self.own_pss_peak, sub.own_pss_peak)
+        self.own_uss_peak = max(self.own_uss_peak, sub.own_uss_peak)
+        self.own_pss_end, self.own_uss_end = sub.own_pss_end, sub.own_uss_end
+        self.peak_processes = max(self.peak_processes, sub.peak_processes)
+
 
 @dataclass
 class Scenario:
@@ -370,6 +396,10 @@ class Scenario:
     title: str
     kind: str  # "throughput" or "latency"
     func: Callable[[Bench, Worker, Run], None]
+    #: An extra line per worker under the table, from its summary (e.g. a target's ratio).
+    note: Callable[[dict[str, Any]], str] | None = None
+    #: The table's detail (sizes, counts), when :func:`detail_of` does not know the scenario.
+    detail: Callable[[Bench], str] | None = None
 
 
 def shell_args(
@@ -626,8 +656,7 @@ def sc_latency_burst(bench: Bench, worker: Worker, r: Run) -> None:
         cpu += sub.cpu
         fe += sub.cpu_frontend
         mcpu += sub.master_cpu
-        r.peak_rss = max(r.peak_rss, sub.peak_rss)
-        r.peak_rss_frontend = max(r.peak_rss_frontend, sub.peak_rss_frontend)
+        r.take_peaks(sub)
     r.latencies, r.wall, r.cpu, r.cpu_frontend, r.master_cpu = lat, total_wall, cpu, fe, mcpu
     r.commands = len(lat)
     r.extra["round_wall_mean"] = total_wall / rounds
@@ -668,7 +697,15 @@ SIZES: dict[str, tuple[float, float]] = {
     "size_cpdir": (128, 24),
     "latency_n": (200, 40),
     "burst_rounds": (10, 3),
+    # pyworker.bench.scenarios
+    "big_burst_rounds": (5, 1),
+    "concurrent_stream_mib": (2, 0.25),
+    "concurrent_steps": (10, 3),
+    "start_runs": (10, 3),
 }
+
+#: Builders on the embedded master: the concurrent scenarios use up to this many at once.
+MAX_BUILDERS = 64
 
 
 # -- the bench ------------------------------------------------------------------------------
@@ -735,8 +772,10 @@ class Bench:
     def start_master(self, names: list[str]) -> int:
         from pyworker.bench.embedded_master import EmbeddedMaster
 
-        builders = [f"b{i}" for i in range(max(self.streams, 1))]
-        self.master = EmbeddedMaster({n: "benchpw" for n in names}, builders)
+        builders = [f"b{i}" for i in range(max(self.streams, MAX_BUILDERS))]
+        # ``<name>-start``: the workers the start-stop scenario starts and stops.
+        every = names + [f"{n}-start" for n in names]
+        self.master = EmbeddedMaster({n: "benchpw" for n in every}, builders)
         port: int = self.reactor.wait(self.master.start)
         return port
 
@@ -814,9 +853,12 @@ class Bench:
         jobs: list[tuple[str, str, dict[str, Any]]],
         *,
         sequential: bool = False,
+        per_builder: bool = False,
     ) -> list[Any]:
-        """Run ``jobs`` (builder, command, args) on ``w`` — all at once, or one after the
-        other — and fill ``r`` with wall time, CPU and peak memory. Returns the results."""
+        """Run ``jobs`` (builder, command, args) on ``w`` — all at once, one after the
+        other, or (``per_builder``) one after the other on each builder and the builders at
+        once — and fill ``r`` with wall time, CPU and peak memory. Returns the results in the
+        order of ``jobs``."""
         from twisted.internet import defer
 
         assert w.ps is not None and w.proc is not None
@@ -835,6 +877,22 @@ class Bench:
                 for b, c, a in jobs:
                     res = yield master.run_command(w.name, b, c, a)
                     results.append(res)
+            elif per_builder:
+                chains: dict[str, list[int]] = {}
+                for i, (b, _, _) in enumerate(jobs):
+                    chains.setdefault(b, []).append(i)
+                got_at: dict[int, Any] = {}
+
+                @defer.inlineCallbacks
+                def chain(indexes: list[int]) -> Any:
+                    for i in indexes:
+                        b, c, a = jobs[i]
+                        got_at[i] = yield master.run_command(w.name, b, c, a)
+
+                yield defer.gatherResults(
+                    [chain(ix) for ix in chains.values()], consumeErrors=True
+                )
+                results.extend(got_at[i] for i in range(len(jobs)))
             else:
                 got = yield defer.gatherResults(
                     [master.run_command(w.name, b, c, a) for b, c, a in jobs], consumeErrors=True
@@ -844,36 +902,40 @@ class Bench:
 
         before = tree_cpu(w.ps)
         peak_f, peak_t = tree_rss(w.ps)
-        start = time.perf_counter()
-        fut = self.reactor.call(go)
-        timeout = 120 + payload / MiB + 5 * len(jobs)
-        while True:
-            try:
-                master_cpu = fut.result(0.05)
-                break
-            except concurrent.futures.TimeoutError:
-                pass
-            except defer.FirstError as e:
-                raise BenchFailure(f"{w.label}: {e.subFailure.value}") from None
-            except Exception as e:
-                raise BenchFailure(f"{w.label}: {e}") from None
-            f, t = tree_rss(w.ps)
-            peak_f, peak_t = max(peak_f, f), max(peak_t, t)
-            elapsed = time.perf_counter() - start
-            done = f"{len(results)}/{len(jobs)} commands" if sequential else ""
-            self.progress.update(f"{self.status}  {elapsed:5.1f} s {done}")
-            if elapsed > timeout:
-                raise BenchFailure(
-                    f"{w.label}: no complete after {timeout:.0f} s "
-                    f"({len(results)}/{len(jobs)} commands done)"
-                )
-            if w.proc.poll() is not None:
-                raise BenchFailure(
-                    f"{w.label}: the worker exited ({w.proc.returncode}) during the scenario\n"
-                    + w.log_tail()
-                )
-        r.wall = time.perf_counter() - start
+        mem = OwnMemory(w.ps)
+        with mem.sampling():  # in a thread: reading smaps of many processes is slow
+            start = time.perf_counter()
+            fut = self.reactor.call(go)
+            timeout = 120 + payload / MiB + 5 * len(jobs)
+            while True:
+                try:
+                    master_cpu = fut.result(0.05)
+                    break
+                except concurrent.futures.TimeoutError:
+                    pass
+                except defer.FirstError as e:
+                    raise BenchFailure(f"{w.label}: {e.subFailure.value}") from None
+                except Exception as e:
+                    raise BenchFailure(f"{w.label}: {e}") from None
+                f, t = tree_rss(w.ps)
+                peak_f, peak_t = max(peak_f, f), max(peak_t, t)
+                elapsed = time.perf_counter() - start
+                done = f"{len(results)}/{len(jobs)} commands" if sequential else ""
+                self.progress.update(f"{self.status}  {elapsed:5.1f} s {done}")
+                if elapsed > timeout:
+                    raise BenchFailure(
+                        f"{w.label}: no complete after {timeout:.0f} s "
+                        f"({len(results)}/{len(jobs)} commands done)"
+                    )
+                if w.proc.poll() is not None:
+                    raise BenchFailure(
+                        f"{w.label}: the worker exited ({w.proc.returncode}) during the scenario\n"
+                        + w.log_tail()
+                    )
+            r.wall = time.perf_counter() - start  # before the sampling thread is joined
         after = tree_cpu(w.ps)
+        mem.sample(force=True)  # the end: every command has completed
+        r.take_memory(mem)
         r.payload = payload
         r.cpu = after.total - before.total
         r.cpu_frontend = after.frontend - before.frontend
@@ -895,13 +957,29 @@ def _pct(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def own_memory_summary(ok: list[Run]) -> dict[str, Any]:
+    """The worker's own PSS/USS: peak over the runs, and the end of the last run."""
+    return {
+        "own_pss_peak_mib": max(r.own_pss_peak for r in ok) / MiB,
+        "own_uss_peak_mib": max(r.own_uss_peak for r in ok) / MiB,
+        "own_pss_end_mib": ok[-1].own_pss_end / MiB,
+        "own_uss_end_mib": ok[-1].own_uss_end / MiB,
+        "peak_processes": max(r.peak_processes for r in ok),
+    }
+
+
 def summarize(kind: str, runs: list[Run]) -> dict[str, Any]:
     ok = [r for r in runs if r.ok]
     if not ok:
         return {"ok": False, "error": next((r.error for r in runs if r.error), "failed")}
+    extra: dict[str, Any] = {}
+    for r in ok:
+        for k, v in r.extra.items():
+            if isinstance(v, list) and all(isinstance(x, float) for x in v):
+                extra.setdefault(k, []).extend(v)
     if kind == "throughput":
         med = sorted(ok, key=lambda r: r.mib_s)[len(ok) // 2]
-        return {
+        return own_memory_summary(ok) | {
             "ok": len(ok) == len(runs),
             "mib_s": statistics.median(r.mib_s for r in ok),
             "mib_s_best": max(r.mib_s for r in ok),
@@ -915,11 +993,17 @@ def summarize(kind: str, runs: list[Run]) -> dict[str, Any]:
         }
     lat = [x for r in ok for x in r.latencies]
     ncmd = sum(r.commands for r in ok) or 1
-    return {
+    # Other samples a scenario keeps in ``extra`` (e.g. the serial latencies of a burst):
+    # their p50 and p95, as ``<key>_p50_ms``.
+    pcts = {
+        f"{k}_p{p}_ms": _pct(v, p) * 1000 for k, v in extra.items() for p in (50, 95)
+    }
+    return own_memory_summary(ok) | pcts | {
         "ok": len(ok) == len(runs),
         "commands": ncmd,
         "p50_ms": _pct(lat, 50) * 1000,
         "p90_ms": _pct(lat, 90) * 1000,
+        "p95_ms": _pct(lat, 95) * 1000,
         "p99_ms": _pct(lat, 99) * 1000,
         "max_ms": max(lat) * 1000 if lat else 0.0,
         "mean_ms": statistics.fmean(lat) * 1000 if lat else 0.0,
@@ -931,13 +1015,25 @@ def summarize(kind: str, runs: list[Run]) -> dict[str, Any]:
     }
 
 
+#: The worker's own memory (front end and executors; RSS is the whole tree): PSS and USS at
+#: the peak, PSS at the end, and the peak number of processes in the tree.
+OWN_HEAD = f"{'PSS pk':>6}  {'USS pk':>6}  {'PSS end':>7}  {'procs':>5}"
+
+
+def own_cells(s: dict[str, Any]) -> str:
+    return (
+        f"{s['own_pss_peak_mib']:6.1f}  {s['own_uss_peak_mib']:6.1f}  "
+        f"{s['own_pss_end_mib']:7.1f}  {s['peak_processes']:5d}"
+    )
+
+
 def format_table(sc: Scenario, detail: str, summaries: dict[str, dict[str, Any]]) -> str:
     out = [f"{sc.name}: {sc.title} ({detail})"]
     width = max([len(k) for k in summaries] + [6])
     if sc.kind == "throughput":
         out.append(
             f"  {'worker':<{width}}  {'MiB/s':>8}  {'CPU s/GiB':>9}  {'(fe)':>6}  "
-            f"{'master s/GiB':>12}  {'RSS MiB':>7}  {'wall s':>6}"
+            f"{'master s/GiB':>12}  {'RSS MiB':>7}  {OWN_HEAD}  {'wall s':>6}"
         )
         for label, s in summaries.items():
             if "mib_s" not in s:
@@ -946,13 +1042,13 @@ def format_table(sc: Scenario, detail: str, summaries: dict[str, dict[str, Any]]
             out.append(
                 f"  {label:<{width}}  {s['mib_s']:8.1f}  {s['cpu_s_per_gib']:9.2f}  "
                 f"{s['frontend_cpu_s_per_gib']:6.2f}  {s['master_cpu_s_per_gib']:12.2f}  "
-                f"{s['peak_rss_mib']:7.1f}  {s['wall_s']:6.2f}"
+                f"{s['peak_rss_mib']:7.1f}  {own_cells(s)}  {s['wall_s']:6.2f}"
             )
     else:
         out.append(
             f"  {'worker':<{width}}  {'p50 ms':>7}  {'p90 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
             f"{'cmds/s':>7}  {'CPU ms/cmd':>10}  {'(fe)':>6}  {'master ms/cmd':>13}  "
-            f"{'RSS MiB':>7}"
+            f"{'RSS MiB':>7}  {OWN_HEAD}"
         )
         for label, s in summaries.items():
             if "p50_ms" not in s:
@@ -962,8 +1058,12 @@ def format_table(sc: Scenario, detail: str, summaries: dict[str, dict[str, Any]]
                 f"  {label:<{width}}  {s['p50_ms']:7.1f}  {s['p90_ms']:7.1f}  {s['p99_ms']:7.1f}"
                 f"  {s['max_ms']:7.1f}  {s['cmds_per_s']:7.1f}  {s['cpu_ms_per_cmd']:10.1f}  "
                 f"{s['frontend_cpu_ms_per_cmd']:6.1f}  {s['master_cpu_ms_per_cmd']:13.2f}  "
-                f"{s['peak_rss_mib']:7.1f}"
+                f"{s['peak_rss_mib']:7.1f}  {own_cells(s)}"
             )
+    if sc.note is not None:
+        for label, s in summaries.items():
+            if "p50_ms" in s or "mib_s" in s:
+                out.append(f"  {label:<{width}}  {sc.note(s)}")
     return "\n".join(out)
 
 
@@ -981,6 +1081,8 @@ def ratios(kind: str, base: dict[str, Any], other: dict[str, Any]) -> dict[str, 
         }
     if "p50_ms" not in base or "p50_ms" not in other:
         return None
+    if not base["p50_ms"] or not other["p50_ms"]:
+        return None  # no command (the worker at rest): only the memory columns mean much
     return {
         "speed": div(other["p50_ms"], base["p50_ms"]),
         "cpu": div(other["cpu_ms_per_cmd"], base["cpu_ms_per_cmd"]),
@@ -1001,13 +1103,19 @@ def detail_of(bench: Bench, sc: Scenario) -> str:
         return d
     if sc.name == "latency-burst":
         return f"{bench.streams} at once x {bench.count('burst_rounds')} rounds"
+    if sc.detail is not None:
+        return sc.detail(bench)
     return f"{bench.count('latency_n')} commands"
 
 
 # -- main -----------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], names: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options; ``names``: the scenarios ``--only`` accepts (default: this
+    module's)."""
+    if names is None:
+        names = SCENARIO_NAMES
     p = argparse.ArgumentParser(
         prog="pyworker bench",
         description="Measure a worker's throughput, CPU cost and latency on an embedded "
@@ -1015,8 +1123,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="small sizes, one run (< 60 s)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply sizes and counts by F")
-    p.add_argument("--only", action="append", metavar="SCENARIO", choices=SCENARIO_NAMES,
-                   help="run only this scenario (repeatable): " + ", ".join(SCENARIO_NAMES))
+    p.add_argument("--only", action="append", metavar="SCENARIO", choices=names,
+                   help="run only this scenario (repeatable): " + ", ".join(names))
     p.add_argument("--runs", type=int, default=None,
                    help="repetitions per scenario and worker (default 3, 1 with --quick)")
     p.add_argument("--streams", type=int, default=8,
@@ -1064,10 +1172,14 @@ def make_workers(opts: argparse.Namespace, tmp: str) -> list[Worker]:
     return workers
 
 
-def main(argv: list[str]) -> int:
-    opts = parse_args(argv)
+def main(argv: list[str], every: list[Scenario] | None = None) -> int:
+    """``pyworker bench``: run ``every`` scenario (default: this module's; the command line
+    gives :func:`pyworker.bench.scenarios.all_scenarios`) or those ``--only`` names."""
+    if every is None:
+        every = SCENARIOS
+    opts = parse_args(argv, [s.name for s in every])
     bench = Bench(opts)
-    scenarios = [s for s in SCENARIOS if not opts.only or s.name in opts.only]
+    scenarios = [s for s in every if not opts.only or s.name in opts.only]
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

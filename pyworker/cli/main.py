@@ -528,10 +528,11 @@ def create_worker(config: dict[str, Any]) -> int:
 
 
 def run_bench(args: Sequence[str]) -> int:
-    """``pyworker bench ...``: hand the remaining arguments to the profiler."""
-    from pyworker.bench import profiler
+    """``pyworker bench ...``: hand the remaining arguments to the profiler, with every
+    scenario (those of ``pyworker.bench.scenarios`` included)."""
+    from pyworker.bench import scenarios
 
-    result = profiler.main(list(args))
+    result = scenarios.main(list(args))
     return 0 if result is None else int(result)
 
 
