@@ -2,7 +2,8 @@
 
 * Nothing survives a stopped command: timeout, ``maxTime``, ``max_lines``, interrupt, lost
   connection, worker stop, the front end SIGKILLed (daemonised and double-forked
-  grandchildren included).
+  grandchildren included), every pyworker process SIGKILLed at once and the worker started
+  again (what the build left is killed by its mark; another basedir's worker is untouched).
 * Faults survived: the master SIGKILLed and restarted, the TCP connection cut or stalled
   mid-stream and cut mid-transfer (through :mod:`tcpproxy`), an executor SIGKILLed, the
   worker restarted during a build, the disk full during a download (``RLIMIT_FSIZE``).
