@@ -11,8 +11,8 @@ The rules (who may import whom) are those of the package docstrings:
 * the executor (``pyworker.executor``) never imports the front end, the command line or the
   bench;
 * the I/O core imports only the shared modules and itself;
-* the shared modules (``config``, ``frames``, ``commandset``, ``linux``) import nothing of
-  pyworker.
+* the shared modules (``config``, ``frames``, ``commandset``, ``linux``, ``marks``) import
+  nothing of pyworker.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 #: Compiled modules (no source to read; they import nothing of pyworker).
 EXTENSIONS = ("pyworker.iocore._iocore",)
 
-SHARED = ("pyworker.config", "pyworker.frames", "pyworker.commandset", "pyworker.linux")
+SHARED = ("pyworker.config", "pyworker.frames", "pyworker.commandset", "pyworker.linux",
+          "pyworker.marks")
 
 #: package prefix -> prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {

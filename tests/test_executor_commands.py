@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 from executor_driver import ExecutorDriver
-from realmaster import wait_for_process
+from realmaster import descendants, wait_for_process
+
+from pyworker import frames as wire
+from pyworker import marks
 
 
 @pytest.fixture
@@ -314,3 +318,82 @@ def test_resource_usage_is_measured_and_reported(ex: ExecutorDriver, tmp_path: P
     # not asked for: no header line, still measured
     r = shell(ex, tmp_path, ["true"], logEnviron=False)
     assert "resources:" not in r.text("header") and "cpu_user" in r.usage
+
+
+# -- the command mark (pyworker.marks) -----------------------------------------------------
+
+MARK_BASE = "0123456789abcdef0123:4242-99"
+
+
+@pytest.fixture
+def marked_ex() -> Iterator[ExecutorDriver]:
+    """An executor given a mark base, as the front end gives its executors one."""
+    driver = ExecutorDriver({**os.environ, marks.BASE_VAR: MARK_BASE})
+    yield driver
+    driver.close()
+
+
+def test_mark_in_the_command_environment_not_in_the_header(
+    marked_ex: ExecutorDriver, tmp_path: Path
+) -> None:
+    r = shell(marked_ex, tmp_path, ["env"])
+    seen = dict(line.split("=", 1) for line in r.text("stdout").splitlines() if "=" in line)
+    assert seen[marks.MARK_VAR] == f"{MARK_BASE}:{marked_ex.proc.pid}.1"
+    assert marks.BASE_VAR not in seen
+    header = r.text("header")
+    assert " environment:\n" in header
+    assert marks.MARK_VAR not in header and marks.BASE_VAR not in header
+    again = shell(marked_ex, tmp_path, "echo $PYWORKER_COMMAND_MARK", logEnviron=False)
+    assert again.text("stdout") == f"{MARK_BASE}:{marked_ex.proc.pid}.2\n"
+
+
+def _spawn_outside(mark: str, token: str) -> int:
+    """Start ``sleep <token>`` with ``mark`` in its environment, outside the executor's tree
+    (its parent exits at once: it belongs to no process group or subreaper of the executor,
+    as a process started for the command by some service would)."""
+    out = subprocess.run(["sh", "-c", f"sleep {token} >/dev/null 2>&1 & echo $!"],
+                         env={**os.environ, marks.MARK_VAR: mark}, check=True,
+                         capture_output=True, text=True).stdout
+    return int(out)
+
+
+def test_a_killed_command_sweeps_its_mark_outside_its_tree(
+    marked_ex: ExecutorDriver, tmp_path: Path
+) -> None:
+    markfile = tmp_path / "mark"
+    marked_ex.start("shell", {"workdir": str(tmp_path), "logEnviron": False,
+                              "command": f"echo $PYWORKER_COMMAND_MARK > {markfile}.tmp;"
+                                         f" mv {markfile}.tmp {markfile}; exec sleep 300"})
+    wait_for_process("sleep 300")
+    mark = markfile.read_text().strip()
+    assert mark == f"{MARK_BASE}:{marked_ex.proc.pid}.1"
+    escaped = _spawn_outside(mark, "304")
+    # the same basedir and instance, another command (".10" starts with ".1": exact match)
+    other = _spawn_outside(mark + "0", "305")
+    try:
+        assert _alive(escaped) and _alive(other)
+        assert escaped not in {p.pid for p in descendants(marked_ex.proc.pid)}
+        marked_ex.interrupt()
+        frames = list(marked_ex.frames())
+        assert frames[-1][0] == wire.COMPLETE
+        # swept (killed and waited for) before the command completed
+        assert not _alive(escaped), "the escaped process carrying the mark survived"
+        assert _alive(other), "a process with another command's mark was killed"
+    finally:
+        for pid in (escaped, other):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_command_without_a_mark_base_runs_unmarked(tmp_path: Path) -> None:
+    # (these tests may run in a build of a pyworker: its mark is not inherited here)
+    env = {k: v for k, v in os.environ.items() if k not in (marks.MARK_VAR, marks.BASE_VAR)}
+    unmarked = ExecutorDriver(env)
+    try:
+        r = shell(unmarked, tmp_path, ["env"], logEnviron=False)
+    finally:
+        unmarked.close()
+    assert marks.MARK_VAR not in r.text("stdout")
+    assert r.rc == 0

@@ -2,7 +2,8 @@
 
 * Nothing survives a stopped command: timeout, ``maxTime``, ``max_lines``, interrupt, lost
   connection, worker stop, the front end SIGKILLed (daemonised and double-forked
-  grandchildren included).
+  grandchildren included), every pyworker process SIGKILLed at once and the worker started
+  again (what the build left is killed by its mark; another basedir's worker is untouched).
 * Faults survived: the master SIGKILLed and restarted, the TCP connection cut or stalled
   mid-stream and cut mid-transfer (through :mod:`tcpproxy`), an executor SIGKILLed, the
   worker restarted during a build, the disk full during a download (``RLIMIT_FSIZE``).
@@ -435,6 +436,82 @@ def test_frontend_sigkill_kills_executors_and_commands_and_restart_works(
     assert build.result == "SUCCESS", build.describe()
     worker.stop()
     assert not left, f"{len(left)} of {len(seen)} command processes survived: {where}"
+
+
+#: A setsid'd child and a double-forked grandchild beside the shell's own child (three
+#: processes ``sleep <token>``), on the first run only.
+ESCAPERS = (
+    ONCE
+    + "setsid sleep %(prop:token)s </dev/null >/dev/null 2>&1 & "
+    "(sleep %(prop:token)s </dev/null >/dev/null 2>&1 &); "
+    "sleep %(prop:token)s"
+)
+ESCAPER_PROCS = 3
+
+
+def _sigkill_all_at_once(pids: list[int]) -> None:
+    """SIGKILL every one of ``pids`` as one event (an OOM kill of the group, ``kill -9`` of
+    all): stopped first, so none of them acts (a sweep, a parent-death signal's handler)
+    before all are dead."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_of_every_worker_process_then_restart_kills_what_the_build_left(
+    make_master: MasterFactory, pyworker_executable: str
+) -> None:
+    master = make_master(
+        {"escape": Builder(_shell(ESCAPERS), workers=["w1"]),
+         "other": Builder(_shell("setsid sleep %(prop:token)s </dev/null >/dev/null 2>&1 &"
+                                 " sleep %(prop:token)s"), workers=["w2"])},
+        workers=("w1", "w2"))
+    # another worker, on another basedir of this machine, runs a long command all along
+    other = master.start_worker(pyworker_executable, "w2")
+    other_token = _token()
+    master.request_build("other", {"token": other_token})
+    worker = master.start_worker(pyworker_executable, "w1")
+    token = _token()
+    sleeper, other_sleeper = f"sleep {token}", f"sleep {other_token}"
+    request = master.request_build("escape", {"token": token})
+    wait_for(lambda: len(procs_with_cmdline(sleeper)) >= ESCAPER_PROCS or None, 30,
+             f"{ESCAPER_PROCS} processes {sleeper!r}", master.logs)
+    wait_for(lambda: len(procs_with_cmdline(other_sleeper)) >= 2 or None, 30,
+             f"2 processes {other_sleeper!r}", master.logs)
+    others = procs_with_cmdline(other_sleeper)
+    pyworker_pids = [worker.pid, *(p.pid for p in executors(worker.pid))]
+    assert len(pyworker_pids) >= 2, "no executor found"
+    _sigkill_all_at_once(pyworker_pids)
+    assert worker.proc is not None
+    worker.proc.wait(10)
+    reap_zombies(pyworker_pids)
+    try:
+        # what this is about: with no pyworker process left, nothing kills them
+        left = procs_with_cmdline(sleeper)
+        assert len(left) == ESCAPER_PROCS, f"survivors: {describe(left)}"
+        log_size = worker.twistd_log.stat().st_size
+        worker.start()
+        wait_for(lambda: not procs_with_cmdline(sleeper) or None, 10,
+                 f"every process {sleeper!r} to be killed", worker.logs)
+        master.wait_worker_connected("w1", timeout=60)
+        build = master.wait_build(request, timeout=90)
+        assert build_results(master, request)[0] == "RETRY"
+        assert build.result == "SUCCESS", build.describe()
+        with open(worker.twistd_log, "rb") as f:
+            f.seek(log_size)
+            restart_log = f.read().decode("utf-8", "replace")
+        for pid in left:
+            assert f"killed process {pid} (sleep {token}) left by a gone worker:" in \
+                restart_log, restart_log
+        # the other basedir's command is untouched
+        assert sorted(procs_with_cmdline(other_sleeper)) == sorted(others)
+        assert "left by a gone worker" not in other.twistd_log.read_text()
+    finally:
+        kill_all(procs_with_cmdline(sleeper))
+        worker.stop()
+        other.stop()
+        kill_all(procs_with_cmdline(other_sleeper))
 
 
 # -- 2. faults survived ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pyworker.executor.process import (
     reset_signal_dispositions,
     set_process_options,
     shield_from_group_signals,
+    take_mark_base,
 )
 
 
@@ -85,6 +86,7 @@ def main() -> int:
     import pyworker.iocore  # noqa: F401
 
     os.environ.pop("PYWORKER_IO", None)
+    take_mark_base()
     reset_signal_dispositions()
     signal.signal(signal.SIGTERM, on_sigterm)
     shield_from_group_signals()

@@ -7,9 +7,15 @@ import os
 import signal
 import time
 
+from pyworker import marks
 from pyworker.config import DRAIN_SIGNAL
 from pyworker.executor.channel import FrontEndGone
 from pyworker.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+
+#: ``<basedir id>:<instance id>`` from the front end (:data:`marks.BASE_VAR`); None when
+#: this executor was started without one (a test driving it directly).
+_mark_base: str | None = None
+_commands_marked = 0
 
 
 def set_process_options() -> None:
@@ -103,6 +109,28 @@ def shield_from_group_signals() -> None:
 
 def _front_end_handles_it(signum: int, frame: object) -> None:
     """The front end acts on this signal (and stops us if it stops); nothing to do here."""
+
+
+def take_mark_base() -> None:
+    """Keep the front end's mark base and take it out of the commands' environment."""
+    global _mark_base
+    _mark_base = os.environ.pop(marks.BASE_VAR, None) or None
+
+
+def next_command_mark() -> str | None:
+    """A new command's mark (:mod:`pyworker.marks`); the command id is ``<our pid>.<n>``."""
+    global _commands_marked
+    if _mark_base is None:
+        return None
+    _commands_marked += 1
+    return f"{_mark_base}:{os.getpid()}.{_commands_marked}"
+
+
+def sweep_marked(mark: str | None) -> None:
+    """Kill every process still carrying ``mark``: those that left the command's process
+    group and our subtree (the subreaper never sees them) are found by their environment."""
+    if mark is not None:
+        marks.sweep_command(mark)
 
 
 def on_sigterm(signum: int, frame: object) -> None:

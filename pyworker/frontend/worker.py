@@ -20,6 +20,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from pyworker import config as config_mod
+from pyworker import marks
 from pyworker.config import DRAIN_SIGNAL
 from pyworker.frontend import metrics
 from pyworker.frontend.core import Link, WorkerCore
@@ -40,9 +41,12 @@ class Worker:
         self.config = config
         # The I/O backend choice is ours: builds must not see it (nor the master's info).
         io_choice = os.environ.pop("PYWORKER_IO", None)
-        self.pool = ExecutorPool(
-            reactor, extra_env={"PYWORKER_IO": io_choice} if io_choice else None
-        )
+        #: The first parts of every command's mark (:mod:`pyworker.marks`).
+        self.instance = marks.instance_id()
+        extra_env = {marks.BASE_VAR: f"{marks.basedir_id(config.basedir)}:{self.instance}"}
+        if io_choice:
+            extra_env["PYWORKER_IO"] = io_choice
+        self.pool = ExecutorPool(reactor, extra_env=extra_env)
         self.core = WorkerCore(config, self.pool, reactor, self.stop)
         self.link: Link | None = None
         self.service: ClientService | None = None
@@ -99,7 +103,16 @@ class Worker:
             self.service = ClientService(self.endpoint(), factory, retryPolicy=policy,
                                          clock=self.reactor)
 
+    def sweep_gone_instances(self) -> None:
+        """Kill what the commands of a dead front end on this basedir left running (every
+        pyworker process SIGKILLed at once leaves them to init, out of reach of any
+        subreaper), before a new build can start; log each one."""
+        for victim, what in marks.sweep_gone_instances(self.config.basedir, self.instance):
+            log.warn("killed process {pid} ({what}) left by a gone worker: {mark}",
+                     pid=victim.pid, what=what, mark=victim.mark)
+
     def start(self) -> None:
+        self.sweep_gone_instances()
         self.connect()
         assert self.service is not None
         self.pool.start()

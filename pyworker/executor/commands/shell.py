@@ -24,10 +24,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pyworker import paths
+from pyworker import marks, paths
 from pyworker.executor.channel import Channel, CommandError
 from pyworker.executor.commands.base import Command, NotRegularFile, open_regular
-from pyworker.executor.process import kill_descendants, reap_children
+from pyworker.executor.process import (
+    kill_descendants,
+    next_command_mark,
+    reap_children,
+    sweep_marked,
+)
 
 READ_SIZE = 256 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -275,6 +280,9 @@ class ProcessRunner:
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False
         self.line_count = 0
+        #: This command's :mod:`pyworker.marks` mark: in its real environment, not in the
+        #: header's (the master's log stays the reference's).
+        self.mark = next_command_mark()
 
     # -- output --------------------------------------------------------------------------
 
@@ -308,6 +316,8 @@ class ProcessRunner:
     def _spawn(self) -> tuple[list[tuple[int, str]], int | None]:
         argv = [b"/bin/sh", b"-c", self.real] if isinstance(self.real, bytes) else self.real
         env = {k.encode(): v.encode("utf-8", "surrogateescape") for k, v in self.environ.items()}
+        if self.mark is not None:
+            env[marks.MARK_VAR.encode()] = self.mark.encode()
         if self.use_pty:
             master, slave = pty.openpty()
             try:
@@ -362,9 +372,13 @@ class ProcessRunner:
             self._header(f"elapsedTime={time.time() - started:0.6f}\n")
             return 1
         try:
-            return self._pump(streams, stdin_fd, started)
-        finally:
+            rc = self._pump(streams, stdin_fd, started)
+        except BaseException:
+            self.killed = True  # stopped by our own end (the front end gone): kill it all
             self._reap_leftovers()
+            raise
+        self._reap_leftovers()
+        return rc
 
     def _pump(self, streams: list[tuple[int, str]], stdin_fd: int | None, started: float) -> int:
         """Watch the running child until it has exited and its output is read; report its rc.
@@ -437,9 +451,11 @@ class ProcessRunner:
                     pass
 
     def _reap_leftovers(self) -> None:
-        """After a kill, kill whatever the command left running; always reap zombies."""
+        """After a kill, kill whatever the command left running (below us, and anywhere else
+        with its mark); always reap zombies."""
         if self.killed:
             kill_descendants()
+            sweep_marked(self.mark)
         reap_children()
 
 
