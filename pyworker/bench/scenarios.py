@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 from twisted.internet import defer
 
-from pyworker.bench.memory import OwnMemory, leftovers
+from pyworker.bench.memory import OwnMemory, leftovers, own_memory
 from pyworker.bench.profiler import (
     BLOCK,
     SCENARIOS,
@@ -47,6 +47,7 @@ from pyworker.bench.profiler import (
     tree_rss,
 )
 from pyworker.bench.profiler import main as profiler_main
+from pyworker.frontend.pool import IDLE_TIMEOUT
 
 #: How many builders the concurrent scenarios use at once.
 CONCURRENT = 64
@@ -69,8 +70,32 @@ def check_nothing_left(worker: Worker, what: str, grace: float = 5.0) -> None:
 # -- memory at rest ---------------------------------------------------------------------------
 
 
+#: The number of its own processes each worker had at rest before any command (by label).
+_IDLE_PROCESSES: dict[str, int] = {}
+
+
 def sc_idle(bench: Bench, worker: Worker, r: Run) -> None:
     """No command: the worker's own memory, sampled for a second (half a second --quick)."""
+    assert worker.ps is not None
+    _IDLE_PROCESSES.setdefault(worker.label, own_memory(worker.ps).processes)
+    _sample_at_rest(bench, worker, r)
+
+
+def sc_idle_after(bench: Bench, worker: Worker, r: Run) -> None:
+    """The same after the loads, once the worker is back to the processes it had at rest
+    (pyworker's pool ends the executors it grew :data:`pool.IDLE_TIMEOUT` seconds after
+    their last command); the wait is ``r.extra['settle_s']``."""
+    assert worker.ps is not None
+    target = _IDLE_PROCESSES.get(worker.label, 1)
+    start = time.perf_counter()
+    deadline = start + IDLE_TIMEOUT + 10.0
+    while own_memory(worker.ps).processes > target and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    r.extra["settle_s"] = time.perf_counter() - start
+    _sample_at_rest(bench, worker, r)
+
+
+def _sample_at_rest(bench: Bench, worker: Worker, r: Run) -> None:
     assert worker.ps is not None
     mem = OwnMemory(worker.ps, interval=0.1)
     before = tree_cpu(worker.ps)
@@ -283,8 +308,8 @@ AFTER: list[Scenario] = [
              detail=lambda b: f"{CONCURRENT} builders x {b.count('concurrent_steps')} steps"),
     Scenario("start-stop", "start --nodaemon to ready, shutdown to exit", "latency",
              sc_start_stop, start_note, lambda b: f"{b.count('start_runs')} starts"),
-    Scenario("idle-after", "the worker at rest, after every scenario", "latency", sc_idle,
-             detail=lambda b: "no command"),
+    Scenario("idle-after", "the worker at rest, after every scenario", "latency",
+             sc_idle_after, detail=lambda b: "no command, once back to its idle processes"),
 ]
 
 

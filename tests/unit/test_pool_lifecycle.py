@@ -202,6 +202,28 @@ def test_only_executors_idle_for_the_whole_timeout_end(reactor: ProcessReactor) 
     assert recent_child.control_closed and pool.idle == []
 
 
+def test_a_pool_shrinks_back_within_one_timeout_of_its_last_release(
+    reactor: ProcessReactor,
+) -> None:
+    pool = make_pool(reactor, min_idle=0, max_size=3, idle_timeout=60)
+    pool.start()
+    first, last = acquire(pool, "first"), acquire(pool, "last")
+    pool.release(first.executor)  # type: ignore[arg-type]
+    reactor.advance(50)
+    pool.release(last.executor)  # type: ignore[arg-type]
+    reactor.advance(10)  # 60 s after the first release: the shrink ends it
+    first_child, last_child = child_of(reactor, first.executor), child_of(reactor, last.executor)
+    first_child.read_control()
+    assert first_child.control_closed and pool.idle == [last.executor]
+    reactor.advance(49.9)
+    last_child.read_control()
+    assert not last_child.control_closed, "idle for 59.9 s only"
+    reactor.advance(0.1)
+    last_child.read_control()
+    assert last_child.control_closed, "ended 60 s after its release, not 60 s after the shrink"
+    assert pool.idle == []
+
+
 # -- heal and backoff ------------------------------------------------------------------------
 
 
