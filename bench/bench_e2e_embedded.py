@@ -89,6 +89,7 @@ def _run(benchmark: Any, session: tuple[pb_bench.Bench, pb_bench.Worker], name: 
         "concurrent-streams",
         "concurrent-steps",
         "start-stop",
+        "soak",
     ],
 )
 def test_e2e_embedded(benchmark: Any, session: Any, name: str) -> None:

@@ -531,9 +531,11 @@ class EmbeddedMaster:
         args: dict[str, Any],
         *,
         keep_text: tuple[str, ...] = ("header", "stderr"),
+        interrupt_after: float | None = None,
     ) -> defer.Deferred[CommandResult]:
         """``startCommand`` on the builder; fires with the :class:`CommandResult` at
-        ``complete`` (errback if the worker refuses the command or disconnects)."""
+        ``complete`` (errback if the worker refuses the command or disconnects).
+        ``interrupt_after``: send ``interruptCommand`` that many seconds after the start."""
         conn = self.workers.get(worker)
         receiver = CommandReceiver(command, keep_text)
         if conn is None:
@@ -549,6 +551,20 @@ class EmbeddedMaster:
         conn.detached.addCallback(lambda _: lost())
         d = wfb.callRemote("startCommand", receiver, command_id, command, args)
         d.addErrback(lambda f: receiver.fail(f"startCommand {command} refused: {f.value}"))
+        if interrupt_after is not None:
+            def interrupt() -> None:
+                if not receiver.done.called:
+                    wfb.callRemote("interruptCommand", command_id, "bench").addErrback(
+                        lambda _: None)
+
+            call = reactor.callLater(interrupt_after, interrupt)
+
+            def cancel(result: Any) -> Any:
+                if call.active():
+                    call.cancel()
+                return result
+
+            receiver.done.addBoth(cancel)
         return receiver.done
 
     def shutdown_worker(self, worker: str) -> defer.Deferred[Any]:

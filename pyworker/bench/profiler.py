@@ -702,6 +702,7 @@ SIZES: dict[str, tuple[float, float]] = {
     "concurrent_stream_mib": (2, 0.25),
     "concurrent_steps": (10, 3),
     "start_runs": (10, 3),
+    "soak_builds": (1000, 60),
 }
 
 #: Builders on the embedded master: the concurrent scenarios use up to this many at once.
@@ -1129,6 +1130,8 @@ def parse_args(argv: list[str], names: list[str] | None = None) -> argparse.Name
                    help="repetitions per scenario and worker (default 3, 1 with --quick)")
     p.add_argument("--streams", type=int, default=8,
                    help="builders for the concurrent scenarios (default 8)")
+    p.add_argument("--builds", type=int, default=None,
+                   help="builds of the soak scenario (default 1000, 60 with --quick)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON to FILE")
     p.add_argument("--compare-backends", action="store_true",
                    help="run pyworker with PYWORKER_IO=c and =python, interleaved")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import psutil
 from twisted.internet import defer
 
-from pyworker.bench.memory import OwnMemory, leftovers, own_memory
+from pyworker.bench.memory import OwnMemory, leftovers, own_memory, own_processes
 from pyworker.bench.profiler import (
     BLOCK,
     SCENARIOS,
@@ -41,10 +42,13 @@ from pyworker.bench.profiler import (
     Worker,
     check_result,
     check_stream,
+    check_tree,
+    file_crc,
     shell_args,
     stream_crc,
     tree_cpu,
     tree_rss,
+    write_file,
 )
 from pyworker.bench.profiler import main as profiler_main
 from pyworker.frontend.pool import IDLE_TIMEOUT
@@ -284,6 +288,182 @@ def start_note(s: dict[str, Any]) -> str:
     )
 
 
+# -- soak -------------------------------------------------------------------------------------
+
+#: PSS may grow by this much from after the warm-up to the end of a soak: a few MiB of
+#: allocator noise (pymalloc arenas and glibc heaps of the front end and each executor are
+#: not returned at once, and their high-water mark moves with what the last builds did),
+#: well below what a per-build leak would give over 1,000 builds (even 4 KiB a build is 4 MiB).
+SOAK_PSS_TOLERANCE = 8 * MiB
+
+
+def soak_state(worker: Worker) -> dict[str, int]:
+    """Open fds of the front end and of the executors, the worker's own PSS, its own process
+    count and the leftover command processes."""
+    assert worker.ps is not None
+    own = own_processes(worker.ps)
+    fds_front = fds_exec = 0
+    for p in own:
+        try:
+            n = p.num_fds()
+        except psutil.Error:
+            continue
+        if p.pid == worker.ps.pid:
+            fds_front = n
+        else:
+            fds_exec += n
+    mem = own_memory(worker.ps)
+    return {
+        "fds_frontend": fds_front, "fds_executors": fds_exec, "pss": mem.pss,
+        "processes": len(own), "leftovers": len(leftovers(worker.ps)),
+    }
+
+
+def _soak_line(when: str, st: dict[str, int]) -> str:
+    return (
+        f"soak {when}: fds front end {st['fds_frontend']}, executors {st['fds_executors']}; "
+        f"PSS {st['pss'] / MiB:.1f} MiB; processes {st['processes']} own + "
+        f"{st['leftovers']} left over"
+    )
+
+
+def _soak_builds(bench: Bench, worker: Worker) -> list[tuple[str, Any]]:
+    """The cycle of builds: (kind, a function of the build number that runs and checks it)."""
+    from pyworker.bench.embedded_master import FileReader, FileWriter
+
+    master = bench.master
+    build = os.path.join(worker.basedir, "b0", "build")
+    os.makedirs(os.path.join(build, "tree"), exist_ok=True)
+    src = os.path.join(build, "soak-up.bin")
+    up_crc = write_file(src, 300_000, seed=3, text=False)
+    manifest = {f"f{i}.txt": ("file", 20_000 + i, write_file(
+        os.path.join(build, "tree", f"f{i}.txt"), 20_000 + i, seed=i, text=True))
+        for i in range(3)}
+    down_src = os.path.join(bench.master_dir, "soak-down.bin")
+    down_crc = write_file(down_src, 200_000, seed=5, text=False)
+
+    def run(cmd: str, args: dict[str, Any], **kw: Any) -> Any:
+        try:
+            return bench.reactor.wait(master.run_command, worker.name, "b0", cmd, args,
+                                      timeout=120, **kw)
+        except Exception as e:
+            raise BenchFailure(f"{worker.label}: {e}") from None
+
+    def shell(n: int) -> None:
+        res = run("shell", shell_args(["echo", f"soak-{n}"], log_environ=False),
+                  keep_text=("header", "stdout", "stderr"))
+        check_result(res, f"soak build {n} (shell)")
+        want = f"soak-{n}\n".encode()
+        got = res.stream("stdout")
+        if got.chars != len(want) or got.crc != zlib.crc32(want):
+            raise BenchFailure(f"soak build {n} (shell): stdout is not {want!r}")
+
+    def upload(n: int) -> None:
+        dest = os.path.join(bench.master_dir, "soak-up.bin")
+        writer = bench.reactor.wait(FileWriter, dest)
+        try:
+            res = run("uploadFile", {"workdir": "build", "workersrc": "soak-up.bin",
+                                     "writer": writer, "maxsize": None, "blocksize": 65536,
+                                     "keepstamp": False})
+            check_result(res, f"soak build {n} (uploadFile)")
+            if writer.bytes != 300_000 or writer.crc != up_crc or not writer.closed:
+                raise BenchFailure(f"soak build {n} (uploadFile): the master got "
+                                   f"{writer.bytes} bytes, crc32 {writer.crc:08x}")
+        finally:
+            bench.reactor.wait(writer.cancel)
+            if os.path.exists(dest):
+                os.unlink(dest)
+
+    def download(n: int) -> None:
+        dest = os.path.join(build, "soak-down.bin")
+        reader = bench.reactor.wait(FileReader, down_src)
+        res = run("downloadFile", {"workdir": "build", "workerdest": "soak-down.bin",
+                                   "reader": reader, "maxsize": None, "blocksize": 16384,
+                                   "mode": None})
+        check_result(res, f"soak build {n} (downloadFile)")
+        got = file_crc(dest) if os.path.exists(dest) else (0, 0)
+        if got != (200_000, down_crc) or reader.fp is not None:
+            raise BenchFailure(f"soak build {n} (downloadFile): found {got} on the worker")
+        os.unlink(dest)
+
+    def updir(n: int) -> None:
+        unpack = os.path.join(bench.master_dir, "soak-unpacked")
+        shutil.rmtree(unpack, ignore_errors=True)
+        writer = bench.reactor.wait(FileWriter, os.path.join(bench.master_dir, "soak.tar"),
+                                    unpack_to=unpack, compress="gz")
+        try:
+            res = run("uploadDirectory", {"workdir": "build", "workersrc": "tree",
+                                          "writer": writer, "maxsize": None,
+                                          "blocksize": 16384, "compress": "gz"})
+            check_result(res, f"soak build {n} (uploadDirectory)")
+            if not writer.unpacked:
+                raise BenchFailure(f"soak build {n} (uploadDirectory): never unpacked")
+            check_tree(unpack, manifest, f"soak build {n} (uploadDirectory)")
+        finally:
+            bench.reactor.wait(writer.cancel)
+            shutil.rmtree(unpack, ignore_errors=True)
+
+    def interrupted(n: int) -> None:
+        args = shell_args(["sleep", "60"], log_environ=False)
+        res = run("shell", args, interrupt_after=0.2)
+        check_result(res, f"soak build {n} (interrupt)", rc=None)
+        if res.rc in (0, None):
+            raise BenchFailure(f"soak build {n} (interrupt): rc {res.rc}, expected a failure")
+
+    def timed_out(n: int) -> None:
+        args = shell_args(["sleep", "60"], log_environ=False)
+        if n % 2:
+            args["timeout"] = 0.3
+        else:
+            args["maxTime"] = 0.3
+        res = run("shell", args)
+        check_result(res, f"soak build {n} (timeout)", rc=None)
+        if res.rc in (0, None):
+            raise BenchFailure(f"soak build {n} (timeout): rc {res.rc}, expected a failure")
+
+    return [("shell", shell), ("uploadFile", upload), ("downloadFile", download),
+            ("uploadDirectory", updir), ("interrupt", interrupted), ("timeout", timed_out)]
+
+
+def sc_soak(bench: Bench, worker: Worker, r: Run) -> None:
+    """``soak_builds`` builds in a row cycling through the kinds of :func:`_soak_builds`;
+    fds, processes and PSS after a warm-up (one cycle) against the end."""
+    assert worker.ps is not None
+    n = bench.opts.builds or bench.count("soak_builds")
+    cycle = _soak_builds(bench, worker)
+    warm = len(cycle) * 2
+    for i in range(warm):
+        cycle[i % len(cycle)][1](i)
+    check_nothing_left(worker, "soak warm-up")
+    start = soak_state(worker)
+    print(_soak_line(f"start (after {warm} warm-up builds)", start), flush=True)
+    t0 = time.perf_counter()
+    lat: list[float] = []
+    for i in range(n):
+        t = time.perf_counter()
+        cycle[i % len(cycle)][1](i)
+        lat.append(time.perf_counter() - t)
+        if i % 50 == 0:
+            bench.progress.update(f"{bench.status}  build {i}/{n}")
+    r.wall = time.perf_counter() - t0
+    check_nothing_left(worker, "soak")
+    end = soak_state(worker)
+    print(_soak_line(f"end (after {n} builds)", end), flush=True)
+    print(f"soak: {n} builds in {r.wall:.1f} s, {n / r.wall:.1f} builds/s", flush=True)
+    r.latencies, r.commands = lat, n
+    r.extra.update({"start": start, "end": end})
+    grew = [k for k in ("fds_frontend", "fds_executors", "processes", "leftovers")
+            if end[k] > start[k]]
+    if grew:
+        raise BenchFailure("soak: grew from start to end: " + ", ".join(
+            f"{k} {start[k]} -> {end[k]}" for k in grew))
+    if end["pss"] - start["pss"] > SOAK_PSS_TOLERANCE:
+        raise BenchFailure(
+            f"soak: PSS grew {start['pss'] / MiB:.1f} -> {end['pss'] / MiB:.1f} MiB "
+            f"({(end['pss'] - start['pss']) / n / 1024:.1f} KiB a build; tolerance "
+            f"{SOAK_PSS_TOLERANCE / MiB:g} MiB)")
+
+
 # -- registration -----------------------------------------------------------------------------
 
 
@@ -308,6 +488,8 @@ AFTER: list[Scenario] = [
              detail=lambda b: f"{CONCURRENT} builders x {b.count('concurrent_steps')} steps"),
     Scenario("start-stop", "start --nodaemon to ready, shutdown to exit", "latency",
              sc_start_stop, start_note, lambda b: f"{b.count('start_runs')} starts"),
+    Scenario("soak", "builds in a row: shell, transfers, interrupts, timeouts", "latency",
+             sc_soak, detail=lambda b: f"{b.opts.builds or b.count('soak_builds')} builds"),
     Scenario("idle-after", "the worker at rest, after every scenario", "latency",
              sc_idle_after, detail=lambda b: "no command, once back to its idle processes"),
 ]
