@@ -301,9 +301,8 @@ def soak_state(worker: Worker) -> dict[str, int]:
     """Open fds of the front end and of the executors, the worker's own PSS, its own process
     count and the leftover command processes."""
     assert worker.ps is not None
-    own = own_processes(worker.ps)
     fds_front = fds_exec = 0
-    for p in own:
+    for p in own_processes(worker.ps):
         try:
             n = p.num_fds()
         except psutil.Error:
@@ -315,7 +314,7 @@ def soak_state(worker: Worker) -> dict[str, int]:
     mem = own_memory(worker.ps)
     return {
         "fds_frontend": fds_front, "fds_executors": fds_exec, "pss": mem.pss,
-        "processes": len(own), "leftovers": len(leftovers(worker.ps)),
+        "processes": mem.processes, "leftovers": len(leftovers(worker.ps)),
     }
 
 
@@ -403,23 +402,18 @@ def _soak_builds(bench: Bench, worker: Worker) -> list[tuple[str, Any]]:
             bench.reactor.wait(writer.cancel)
             shutil.rmtree(unpack, ignore_errors=True)
 
-    def interrupted(n: int) -> None:
-        args = shell_args(["sleep", "60"], log_environ=False)
-        res = run("shell", args, interrupt_after=0.2)
-        check_result(res, f"soak build {n} (interrupt)", rc=None)
+    def stopped(n: int, kind: str, args: dict[str, Any], **kw: Any) -> None:
+        """A ``sleep 60`` that must be stopped early and end with a failing rc."""
+        res = run("shell", {**shell_args(["sleep", "60"], log_environ=False), **args}, **kw)
+        check_result(res, f"soak build {n} ({kind})", rc=None)
         if res.rc in (0, None):
-            raise BenchFailure(f"soak build {n} (interrupt): rc {res.rc}, expected a failure")
+            raise BenchFailure(f"soak build {n} ({kind}): rc {res.rc}, expected a failure")
+
+    def interrupted(n: int) -> None:
+        stopped(n, "interrupt", {}, interrupt_after=0.2)
 
     def timed_out(n: int) -> None:
-        args = shell_args(["sleep", "60"], log_environ=False)
-        if n % 2:
-            args["timeout"] = 0.3
-        else:
-            args["maxTime"] = 0.3
-        res = run("shell", args)
-        check_result(res, f"soak build {n} (timeout)", rc=None)
-        if res.rc in (0, None):
-            raise BenchFailure(f"soak build {n} (timeout): rc {res.rc}, expected a failure")
+        stopped(n, "timeout", {"timeout" if n % 2 else "maxTime": 0.3})
 
     return [("shell", shell), ("uploadFile", upload), ("downloadFile", download),
             ("uploadDirectory", updir), ("interrupt", interrupted), ("timeout", timed_out)]
@@ -427,7 +421,7 @@ def _soak_builds(bench: Bench, worker: Worker) -> list[tuple[str, Any]]:
 
 def sc_soak(bench: Bench, worker: Worker, r: Run) -> None:
     """``soak_builds`` builds in a row cycling through the kinds of :func:`_soak_builds`;
-    fds, processes and PSS after a warm-up (one cycle) against the end."""
+    fds, processes and PSS after a warm-up (two cycles) against the end."""
     assert worker.ps is not None
     n = bench.opts.builds or bench.count("soak_builds")
     cycle = _soak_builds(bench, worker)
