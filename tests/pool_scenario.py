@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import reactor, task
 
 from pyworker import frames
-from pyworker.frontend.pool import Executor, ExecutorPool
+from pyworker.frontend.pool import ExecutorPool, ExecutorSlot
 
 observed: dict[str, Any] = {}
 
@@ -30,9 +30,9 @@ class Client:
         self.started = False
         self.completed: Any = "pending"
         self.lost: str | None = None
-        self.executor: Executor | None = None
+        self.executor: ExecutorSlot | None = None
 
-    def start(self, executor: Executor) -> None:
+    def start(self, executor: ExecutorSlot) -> None:
         self.started = True
         self.executor = executor
         request = {"name": "shell", "command_id": self.name, "basedir": "/tmp", "io": {},

@@ -11,6 +11,7 @@ import marshal
 import os
 import select
 import signal
+import threading
 from collections import deque
 from typing import Any
 
@@ -25,8 +26,10 @@ class FrontEndGone(Exception):
     @classmethod
     def now(cls) -> FrontEndGone:
         # The other signal of the same event (EOF and SIGTERM both come) must not abort the
-        # clean-up that this one starts.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # clean-up that this one starts. Only the main thread can (and needs to): SIGTERM is
+        # handled there; a command's thread that sees its pipe close ends that command only.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return cls()
 
 
@@ -67,6 +70,8 @@ class Channel:
         self.running = True
         #: Largest RSS (bytes) seen of the current command's process tree, if measured.
         self.peak_rss = 0
+        #: User and system CPU seconds of the command's processes that were waited for.
+        self.children_cpu = (0.0, 0.0)
         self._poll: select.poll | None = None
 
     # -- writing -------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""An executor process: runs one command at a time for the front end.
+"""An executor process: runs commands for the front end, many at once, one per thread.
 
-The front end starts executors ahead of demand (``python -m pyworker.executor``) and talks to
-each over its stdin (control frames in) and stdout (event frames out), in the format of
-:mod:`pyworker.frames`. An executor is plain blocking Python with no Twisted reactor: it reads a
-``START`` frame, runs the command to its end, writes ``COMPLETE`` and waits for the next one.
-While a command runs, control frames (``INTERRUPT``, answers to its calls) are read by the
-command's own poll loop through :class:`Channel`.
+The front end starts executors (``python -c <boot>``) and gives each *slots*: a slot is a pipe
+pair, control frames in and event frames out, in the format of :mod:`pyworker.frames`, and one
+thread here serves it: it reads a ``START`` frame, runs the command to its end, writes
+``COMPLETE`` and waits for the next one. While a command runs, control frames (``INTERRUPT``,
+answers to its calls) are read by the command's own poll loop through :class:`Channel`. The
+commands' blocking work (polls, reads, copies, compression) runs with the GIL released, so a
+few executors serve the commands of a whole machine.
 
-If the front end goes away (its end of our stdin closes, or it dies: we ask the kernel for
-SIGTERM when the parent dies), the running command's process group is killed and we exit.
+The slots' pipes come over our stdin, a unix socket, with ``SCM_RIGHTS`` (one message per
+slot, and one byte back, ``READY``, once we can serve them); the main thread receives them,
+starts their threads and collects the orphans no command waits for. An executor whose stdin
+is a pipe serves that one slot, on stdin and stdout, in its main thread (tests drive it so).
+
+If the front end goes away (our stdin reaches EOF, or it dies: we ask the kernel for SIGTERM
+when the parent dies), every command's processes are killed and we exit. A slot whose pipe
+the front end closes ends its command alone.
 """
 
 from __future__ import annotations
@@ -17,21 +24,33 @@ import errno
 import os
 import resource
 import signal
+import socket
+import stat
 import sys
+import threading
 import time
 import traceback
 from typing import Any
 
 from pyworker import frames, paths
+from pyworker.executor import process
 from pyworker.executor.channel import Channel, CommandError, FrontEndGone
 from pyworker.executor.process import (
-    kill_descendants,
+    ensure_mark_base,
+    kill_all_commands,
     on_sigterm,
+    process_umask,
+    reap_unowned,
     reset_signal_dispositions,
     set_process_options,
     shield_from_group_signals,
     take_mark_base,
 )
+
+#: What an executor answers on its socket once it serves slots.
+READY = b"R"
+#: How often the main thread collects orphans when no slot arrives.
+REAP_INTERVAL = 1.0
 
 
 def run_one(channel: Channel, request: dict[str, Any]) -> None:
@@ -40,8 +59,9 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
 
     name = request["name"]
     started = time.time()
-    usage_before = _cpu_times()
+    usage_before = _thread_cpu_times()
     channel.peak_rss = 0
+    channel.children_cpu = (0.0, 0.0)
     failure: str | None = None
     command = None
     try:
@@ -59,8 +79,9 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
         failure = str(e)
     except Exception as e:  # a bug or bad input: the master gets a failed step, we go on
         failure = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    user, system = (after - before for after, before in zip(_cpu_times(), usage_before,
-                                                             strict=True))
+    user, system = (after - before + child for after, before, child
+                    in zip(_thread_cpu_times(), usage_before, channel.children_cpu,
+                           strict=True))
     usage = {"name": name, "cpu_user": user, "cpu_system": system,
              "peak_rss": channel.peak_rss}
     if command is not None and command.usage_note:
@@ -72,35 +93,15 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
     channel.finish(failure)
 
 
-def _cpu_times() -> tuple[float, float]:
-    """User and system CPU seconds of this executor plus every child it has waited for."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
+def _thread_cpu_times() -> tuple[float, float]:
+    """User and system CPU seconds of this thread (the command's own work here); its
+    processes' come from their ``wait4`` (``Channel.children_cpu``)."""
+    own = resource.getrusage(resource.RUSAGE_THREAD)
+    return own.ru_utime, own.ru_stime
 
 
-def main() -> int:
-    set_process_options()
-    # Load the I/O core now (PYWORKER_IO=c fails here, loudly), then hide the choice from
-    # the commands' environment.
-    import pyworker.iocore  # noqa: F401
-
-    os.environ.pop("PYWORKER_IO", None)
-    take_mark_base()
-    reset_signal_dispositions()
-    signal.signal(signal.SIGTERM, on_sigterm)
-    shield_from_group_signals()
-    if os.getppid() == 1:
-        return 1
-    # Our stdout is the event pipe: nothing else may write to it.
-    wfd = os.dup(1)
-    rfd = os.dup(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)  # stray prints go to the front end's log
-    os.close(devnull)
-    os.set_inheritable(rfd, False)
-    os.set_inheritable(wfd, False)
+def serve_slot(rfd: int, wfd: int) -> None:
+    """Run the commands that come over one slot's pipes until the front end closes it."""
     channel = Channel(rfd, wfd)
     try:
         while True:
@@ -111,14 +112,94 @@ def main() -> int:
             channel.reset()
             run_one(channel, request)
     except FrontEndGone:
-        kill_descendants()
-        return 0
+        return
     except OSError as e:
         if e.errno != errno.EPIPE:
             raise
         FrontEndGone.now()
-        kill_descendants()
-        return 0
+
+
+def _slot_thread(rfd: int, wfd: int) -> None:
+    try:
+        serve_slot(rfd, wfd)
+    except BaseException as e:  # a bug: the slot ends, and a command it ran fails readably
+        traceback.print_exc()
+        try:
+            Channel(rfd, wfd).write(frames.value_frame(
+                frames.COMPLETE, f"pyworker executor error: {type(e).__name__}: {e}"))
+        except OSError:
+            pass
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def serve_slots(sock: socket.socket) -> None:
+    """Receive slots on ``sock`` and serve each in a thread, until the front end is gone."""
+    sock.sendall(READY)
+    sock.settimeout(REAP_INTERVAL)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 2, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            reap_unowned()
+            continue
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            raise FrontEndGone.now()
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        threading.Thread(target=_slot_thread, args=(fds[0], fds[1]), daemon=True,
+                         name=f"slot-{fds[0]}").start()
+
+
+def main() -> int:
+    set_process_options()
+    # Load the I/O core now (PYWORKER_IO=c fails here, loudly), then hide the choice from
+    # the commands' environment.
+    import pyworker.iocore  # noqa: F401
+
+    os.environ.pop("PYWORKER_IO", None)
+    take_mark_base()
+    process_umask()
+    reset_signal_dispositions()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    shield_from_group_signals()
+    if os.getppid() == 1:
+        return 1
+    # Our stdout is the event pipe (or, with slots, unused): nothing else may write to it.
+    slotted = stat.S_ISSOCK(os.fstat(0).st_mode)
+    wfd = os.dup(1)
+    rfd = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # stray prints go to the front end's log
+    os.close(devnull)
+    os.set_inheritable(rfd, False)
+    os.set_inheritable(wfd, False)
+    try:
+        if slotted:
+            os.close(wfd)
+            process.single_command = False
+            ensure_mark_base()
+            serve_slots(socket.socket(fileno=rfd))
+        else:
+            serve_slot(rfd, wfd)
+    except FrontEndGone:
+        pass
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+        FrontEndGone.now()
+    kill_all_commands()
+    if slotted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # the slots' threads may be blocked in a read: nothing to wait for
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,23 @@
 """What an executor does to processes: its own options, and killing and reaping the
-descendants of its command (the executor is their child subreaper)."""
+processes of its commands (the executor is their child subreaper).
+
+An executor may run many commands at once, one per thread (:mod:`pyworker.executor.main`), so
+nothing here may act on *every* child: a command's processes are found by its process group,
+its own descendants and its mark (:mod:`pyworker.marks`). Reaping is split the same way: the
+thread that started a command's process reaps it (``wait4``), and :func:`reap_unowned`
+collects only the children nobody waits for (orphans re-parented to us), under the lock that
+:func:`spawning` holds from fork to registration.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pyworker import marks
 from pyworker.config import DRAIN_SIGNAL
@@ -15,7 +27,16 @@ from pyworker.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 #: ``<basedir id>:<instance id>`` from the front end (:data:`marks.BASE_VAR`); None when
 #: this executor was started without one (a test driving it directly).
 _mark_base: str | None = None
-_commands_marked = 0
+_command_numbers = itertools.count(1)
+
+#: Held from a command's fork until its pid is in :data:`_owned`, and while unowned children
+#: are reaped: an orphan reaper must never collect a command's own child (its thread's wait
+#: would find nothing, and report rc 0).
+_children_lock = threading.Lock()
+_owned: set[int] = set()
+#: One command at a time in this process (driven over stdin/stdout): a kill may take every
+#: descendant, as no other command's can be among them.
+single_command = True
 
 
 def set_process_options() -> None:
@@ -117,13 +138,24 @@ def take_mark_base() -> None:
     _mark_base = os.environ.pop(marks.BASE_VAR, None) or None
 
 
+def ensure_mark_base() -> None:
+    """Commands that share a process must each be marked, or one command's kill cannot find
+    its orphans without taking the others': a base of our own if the front end gave none."""
+    global _mark_base
+    if _mark_base is None:
+        _mark_base = f"{'0' * 20}:{marks.instance_id()}"
+
+
 def next_command_mark() -> str | None:
     """A new command's mark (:mod:`pyworker.marks`); the command id is ``<our pid>.<n>``."""
-    global _commands_marked
     if _mark_base is None:
         return None
-    _commands_marked += 1
-    return f"{_mark_base}:{os.getpid()}.{_commands_marked}"
+    return f"{_mark_base}:{os.getpid()}.{next(_command_numbers)}"
+
+
+def own_mark_prefix() -> str | None:
+    """What the marks of every command of this executor start with."""
+    return None if _mark_base is None else f"{_mark_base}:{os.getpid()}."
 
 
 def sweep_marked(mark: str | None) -> None:
@@ -137,15 +169,24 @@ def on_sigterm(signum: int, frame: object) -> None:
     raise FrontEndGone.now()
 
 
+def kill_all_commands() -> None:
+    """The executor is going away: SIGKILL every process below it and every process with
+    one of its commands' marks, and collect them."""
+    prefix = own_mark_prefix()
+    if prefix is not None:
+        marks.kill(list(marks.find(prefix)))
+    kill_descendants()
+
+
 def kill_descendants(timeout: float = 2.0) -> None:
-    """SIGKILL every process below this executor (they can only belong to its command), and
-    collect them: as a subreaper, every one of them ends up our child."""
+    """SIGKILL every process below this executor, and collect them (as a subreaper, every
+    one of them ends up our child)."""
     import psutil  # imported late: most executors never need it
 
     try:
         victims = psutil.Process().children(recursive=True)
     except psutil.Error:
-        return
+        victims = []
     for victim in victims:
         try:
             victim.kill()
@@ -161,11 +202,70 @@ def kill_descendants(timeout: float = 2.0) -> None:
             time.sleep(0.005)
 
 
-def reap_children() -> None:
-    while True:
+def kill_command(group: int, mark: str | None) -> None:
+    """SIGKILL one command's processes: its process group (``group``, its first process's
+    pid), and anything anywhere carrying its mark (orphans re-parented to us included); then
+    collect the orphans. Another command's processes are never touched. With one command in
+    this process, every descendant is the command's and is killed too (a process that left
+    the group and cleared its environment is still below us)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+    if single_command:
+        kill_descendants()
+    sweep_marked(mark)
+    reap_unowned()
+
+
+@contextmanager
+def spawning() -> Iterator[set[int]]:
+    """Around a fork: the caller adds the new child's pid to the set it is given before the
+    block ends, so that :func:`reap_unowned` leaves the child to its owner."""
+    with _children_lock:
+        yield _owned
+
+
+def disown(pid: int) -> None:
+    """The owner has reaped ``pid`` (or given up on it)."""
+    with _children_lock:
+        _owned.discard(pid)
+
+
+def reap_unowned() -> None:
+    """Collect every exited child that no command waits for (orphans re-parented to us)."""
+    with _children_lock:
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            if info.si_pid in _owned:
+                # the first zombie the kernel shows is a command's, reaped by its thread soon;
+                # the orphans behind it are collected at the next call
+                return
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+_umask: int | None = None
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets while it reads,
+    and a command in another thread would create its files in between)."""
+    global _umask
+    if _umask is None:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            with open("/proc/self/status") as status:
+                _umask = next(int(line.split()[1], 8) for line in status
+                              if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            with _children_lock:  # before any thread runs (main() calls us first)
+                _umask = os.umask(0)
+                os.umask(_umask)
+    return _umask

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from pyworker import frames
 from pyworker.frontend.metrics import STATS
-from pyworker.frontend.pool import Executor, ExecutorPool
+from pyworker.frontend.pool import ExecutorPool, ExecutorSlot
 
 log = Logger()
 
@@ -67,7 +67,7 @@ class CommandSession:
         self.command_id = command_id
         self.request = request
         self.on_done = on_done
-        self.executor: Executor | None = None
+        self.executor: ExecutorSlot | None = None
         self.pending: deque[list[Any]] = deque()
         self.pending_bytes = 0
         self.in_flight = 0
@@ -91,7 +91,7 @@ class CommandSession:
         self.pool.acquire(self, lambda ex: self._started(ex, payload))
         STATS.command_started(self.name)
 
-    def _started(self, executor: Executor, payload: bytes) -> None:
+    def _started(self, executor: ExecutorSlot, payload: bytes) -> None:
         self.executor = executor
         executor.send(frames.frame(frames.START, payload))
         if self.interrupted:

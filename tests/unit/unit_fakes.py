@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -180,24 +181,26 @@ class FakeProcessTransport:
         self.signals.append(signal)
 
 
-class FakeChild:
-    """The far ends of one executor's pipes, held by the test instead of a process."""
+class FakeSlot:
+    """The far ends of one slot's pipes, held by the test as the executor's thread would."""
 
-    def __init__(self, reactor: ProcessReactor, protocol: Any, pid: int, argv: list[str],
-                 env: dict[str, str], control_fd: int, events_fd: int) -> None:
-        self.reactor = reactor
-        self.protocol = protocol
-        self.argv = argv
-        self.env = env
+    def __init__(self, child: FakeChild, number: int, control_fd: int, events_fd: int) -> None:
+        self.child = child
+        self.number = number
         self.control_fd = control_fd  # we read the control frames the front end sends
         self.events_fd = events_fd  # we write event frames as an executor would
-        self.transport = FakeProcessTransport(pid)
         self.decoder = frames.FrameDecoder()
         self.control_closed = False
 
+    @property
+    def front(self) -> Any:
+        """The pool's :class:`ExecutorSlot` for this slot."""
+        (slot,) = [s for s in self.child.opened if s.number == self.number]
+        return slot
+
     def read_control(self) -> list[tuple[int, int, bytes]]:
         """The control frames the front end wrote so far (its buffers pumped first)."""
-        self.reactor.pump_writers()
+        self.child.reactor.pump_writers()
         os.set_blocking(self.control_fd, False)
         data = b""
         while True:
@@ -218,12 +221,78 @@ class FakeChild:
 
     def deliver(self) -> None:
         """What the reactor does when our event pipe is readable: read it, if watched."""
-        reader = self.protocol.reader
+        reader = self.front.reader
+        if reader in self.child.reactor.readers:
+            reader.doRead()
+
+    def close(self) -> None:
+        for name in ("control_fd", "events_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def end(self) -> None:
+        """The thread closes its pipes (the process lives on): the reactor reads to EOF."""
+        self.close()
+        reader = self.front.reader
+        while reader in self.child.reactor.readers:
+            why = reader.doRead()
+            if why:
+                self.child.reactor.removeReader(reader)
+                reader.connectionLost(Failure(why))
+
+
+class FakeChild:
+    """The far end of one executor's socket, and its slots, held by the test instead of a
+    process."""
+
+    def __init__(self, reactor: ProcessReactor, protocol: Any, pid: int, argv: list[str],
+                 env: dict[str, str], sock_fd: int) -> None:
+        self.reactor = reactor
+        self.protocol = protocol
+        self.argv = argv
+        self.env = env
+        self.sock = socket.socket(fileno=sock_fd)
+        self.sock.setblocking(False)
+        self.transport = FakeProcessTransport(pid)
+        self.slots: list[FakeSlot] = []
+        #: every ExecutorSlot the pool opened on us (closed ones too)
+        self.opened: list[Any] = []
+        self.socket_closed = False
+
+    def receive(self) -> list[FakeSlot]:
+        """Take the slots the front end sent so far (as the executor's main thread does)."""
+        while not self.socket_closed and self.sock.fileno() >= 0:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.sock, 16, 2)
+            except BlockingIOError:
+                break
+            if not msg:
+                self.socket_closed = True
+                break
+            self.slots.append(FakeSlot(self, int(msg[1:]), fds[0], fds[1]))
+        self.opened = sorted({*self.opened, *self.protocol.slots}, key=lambda s: s.number)
+        return self.slots
+
+    def slot(self, front: Any) -> FakeSlot:
+        """Our end of the pool's slot ``front``."""
+        self.receive()
+        if front not in self.opened:
+            self.opened.append(front)
+        (mine,) = [s for s in self.slots if s.number == front.number]
+        return mine
+
+    def ready(self) -> None:
+        """The executor serves slots: it says so on its socket."""
+        self.sock.send(b"R")
+        reader = self.protocol.sock_reader
         if reader is not None and reader in self.reactor.readers:
             reader.doRead()
 
     def exit(self, code: int | None = 0, signal: int | None = None) -> None:
         """The process ends: its pipe ends close, then Twisted reports the exit."""
+        self.receive()
         self.close()
         self.transport.ended = True
         if signal is not None:
@@ -235,11 +304,10 @@ class FakeChild:
         self.protocol.processEnded(reason)
 
     def close(self) -> None:
-        for name in ("control_fd", "events_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        for slot in self.slots:
+            slot.close()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
 
 
 class ProcessReactor(MemoryReactorClock):
@@ -254,10 +322,10 @@ class ProcessReactor(MemoryReactorClock):
         env: Any = None, path: Any = None, uid: Any = None, gid: Any = None,
         usePTY: Any = False, childFDs: Any = None,  # noqa: N803
     ) -> FakeProcessTransport:
-        # The front end closes its copies of the child's ends right after this returns.
+        # The front end closes its copy of the child's socket end right after this returns.
         child = FakeChild(self, processProtocol, 10_000 + len(self.children), list(args),
-                          dict(env or {}), os.dup(childFDs[0]), os.dup(childFDs[1]))
-        assert childFDs[2] == "r"
+                          dict(env or {}), os.dup(childFDs[0]))
+        assert childFDs[1] == "r" and childFDs[2] == "r"
         self.children.append(child)
         processProtocol.makeConnection(child.transport)
         return child.transport
@@ -273,13 +341,14 @@ class ProcessReactor(MemoryReactorClock):
     def close_all(self) -> None:
         """Close every pipe end left (test teardown)."""
         for child in self.children:
+            child.receive()
             child.close()
-            executor = child.protocol
-            if executor.reader is not None:
-                executor.reader.close()
-            if executor.writer is not None and executor.writer.fd >= 0:
-                os.close(executor.writer.fd)
-                executor.writer.fd = -1
+            for slot in child.opened:
+                slot.reader.close()
+                if slot.writer.fd >= 0:
+                    os.close(slot.writer.fd)
+                    slot.writer.fd = -1
+            child.protocol.close_socket()
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from pyworker import marks, paths
 from pyworker.executor.channel import Channel, CommandError
 from pyworker.executor.commands.base import Command, NotRegularFile, open_regular
 from pyworker.executor.process import (
-    kill_descendants,
+    disown,
+    kill_command,
     next_command_mark,
-    reap_children,
-    sweep_marked,
+    reap_unowned,
+    spawning,
 )
 
 READ_SIZE = 256 * 1024
@@ -321,29 +322,33 @@ class ProcessRunner:
         if self.use_pty:
             master, slave = pty.openpty()
             try:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=self.workdir,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_take_controlling_tty,
-                )
+                with spawning() as owned:
+                    self.proc = subprocess.Popen(
+                        argv,
+                        stdin=slave,
+                        stdout=slave,
+                        stderr=slave,
+                        cwd=self.workdir,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_take_controlling_tty,
+                    )
+                    owned.add(self.proc.pid)
             finally:
                 os.close(slave)
             os.set_blocking(master, False)
             return [(master, "stdout")], None
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.workdir,
-            env=env,
-            process_group=0,
-        )
+        with spawning() as owned:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.workdir,
+                env=env,
+                process_group=0,
+            )
+            owned.add(self.proc.pid)
         assert self.proc.stdin and self.proc.stdout and self.proc.stderr
         streams = [(self.proc.stdout.fileno(), "stdout"), (self.proc.stderr.fileno(), "stderr")]
         for fd, _ in streams:
@@ -451,12 +456,19 @@ class ProcessRunner:
                     pass
 
     def _reap_leftovers(self) -> None:
-        """After a kill, kill whatever the command left running (below us, and anywhere else
-        with its mark); always reap zombies."""
+        """After a kill, kill whatever the command left running (its group, and anywhere
+        with its mark); always reap the orphans that have exited. Its own child is reaped
+        (:meth:`_RunState.finish`) or, if the command is abandoned, given up."""
+        assert self.proc is not None
         if self.killed:
-            kill_descendants()
-            sweep_marked(self.mark)
-        reap_children()
+            kill_command(self.proc.pid, self.mark)
+        if self.proc.returncode is None:
+            try:
+                os.waitpid(self.proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        disown(self.proc.pid)
+        reap_unowned()
 
 
 class _RunState:
@@ -666,12 +678,12 @@ class _RunState:
         runner = self.runner
         if self.sigterm_deadline is not None and now >= self.sigterm_deadline:
             self.sigterm_deadline = None
-            if self.proc.poll() is None:
+            if _running(self.proc):
                 runner._signal(_signal_number(runner.interrupt_signal))
             self.close_streams()
             self.backup_deadline = now + BACKUP_TIMEOUT
         if self.backup_deadline is not None and now >= self.backup_deadline:
-            if self.proc.poll() is None:
+            if _running(self.proc):
                 name = "SIG" + runner.interrupt_signal
                 runner._header(f"{name} failed to kill process\n")
                 if runner.send_rc:
@@ -698,7 +710,7 @@ class _RunState:
     def close(self) -> None:
         """However the loop ended: no child left running, nothing left open."""
         os.close(self.pidfd)
-        if self.proc.poll() is None:
+        if _running(self.proc):
             self.runner._signal(signal.SIGKILL)
         self.close_streams()
         if self.proc.stdin is not None and not self.proc.stdin.closed:
@@ -716,6 +728,7 @@ class _RunState:
             else:
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 channel.peak_rss = max(channel.peak_rss, rusage.ru_maxrss * 1024)
+                channel.children_cpu = (rusage.ru_utime, rusage.ru_stime)
         rc = proc.wait()
         elapsed = time.time() - started
         runner._poll_logfiles(final=True)
@@ -730,6 +743,17 @@ class _RunState:
             channel.update([("rc", rc)], force=True)
         runner._header(f"elapsedTime={elapsed:0.6f}\n")
         return rc
+
+
+def _running(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has not exited, without reaping it (``Popen.poll`` would): its reaper
+    is :meth:`_RunState.finish`, whose ``wait4`` gives the command's CPU time and peak RSS."""
+    if proc.returncode is not None:
+        return False
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def _take_controlling_tty() -> None:

@@ -52,6 +52,7 @@ from pyworker.config import AUTO_LEVEL, MAX_COMPRESS_THREADS, valid_level
 from pyworker.executor.channel import Channel, CommandError, Interrupted
 from pyworker.executor.commands.base import Command, NotRegularFile, open_regular
 from pyworker.executor.compress import ChunkedCompressor, default_threads
+from pyworker.executor.process import process_umask
 from pyworker.iocore import _python as python_iocore
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
@@ -453,9 +454,7 @@ def _open_destination(path: str, mode: int | None) -> tuple[str, str | None, int
         if st is not None:
             mode = stat.S_IMODE(st.st_mode)
         else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~process_umask()
     name = os.path.basename(target)[:64]
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".pyworker-tmp",
@@ -506,9 +505,7 @@ def _open_destination_beneath(beneath: paths.Beneath, path: str, mode: int | Non
             if st is not None:
                 mode = stat.S_IMODE(st.st_mode)
             else:
-                umask = os.umask(0)
-                os.umask(umask)
-                mode = 0o666 & ~umask
+                mode = 0o666 & ~process_umask()
         tmp: str | None = None
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
