@@ -5,6 +5,7 @@ from __future__ import annotations
 import marshal
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -34,11 +35,14 @@ class ExecutorDriver:
         )
         self.decoder = wire.FrameDecoder()
         self.env = environ
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.control_fd = self.proc.stdin.fileno()
+        self.events_fd = self.proc.stdout.fileno()
 
     def send(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.control_fd, view):]
 
     def start(
         self, name: str, args: dict[str, Any], basedir: str = "/tmp",
@@ -53,8 +57,7 @@ class ExecutorDriver:
 
     def frames(self, timeout: float = 30.0):  # type: ignore[no-untyped-def]
         """Yield ``(kind, channel, payload)`` until ``COMPLETE`` (inclusive)."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+        fd = self.events_fd
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -96,6 +99,60 @@ class ExecutorDriver:
             self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+class SlottedExecutor:
+    """A real executor in the mode the front end uses: its stdin is a unix socket, and each
+    :meth:`slot` sends it a pipe pair (``SCM_RIGHTS``) that one of its threads serves."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        environ = dict(os.environ if env is None else env)
+        environ["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + environ.get("PYTHONPATH", "")
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "pyworker.executor"],
+                                     stdin=theirs.fileno(), env=environ)
+        theirs.close()
+        self.sock.settimeout(30)
+        assert self.sock.recv(16) == b"R", "the executor did not say it was ready"
+        self.slots: list[SlotDriver] = []
+
+    def slot(self) -> SlotDriver:
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        socket.send_fds(self.sock, [b"S"], [control_r, events_w])
+        os.close(control_r)
+        os.close(events_w)
+        slot = SlotDriver(self.proc, control_w, events_r)
+        self.slots.append(slot)
+        return slot
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for slot in self.slots:
+            slot.close()
+
+
+class SlotDriver(ExecutorDriver):
+    """One slot of a :class:`SlottedExecutor`: the same calls as an :class:`ExecutorDriver`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], control_fd: int, events_fd: int) -> None:
+        self.proc = proc
+        self.control_fd = control_fd
+        self.events_fd = events_fd
+        self.decoder = wire.FrameDecoder()
+
+    def close(self) -> None:
+        """Close the slot: its thread ends (killing a command it runs)."""
+        for name in ("control_fd", "events_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 class Result:
