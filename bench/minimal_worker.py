@@ -372,11 +372,22 @@ class Bot(pb.Referenceable):
 
 
 def create_worker(argv: list[str]) -> int:
-    """``create-worker [options] [-q] BASEDIR HOST:PORT NAME PASSWORD`` (options ignored)."""
+    """``create-worker [options] [-q] BASEDIR HOST:PORT NAME PASSWORD``.
+
+    Options of its own: ``--chunk=BYTES``, ``--window=CALLS`` (default :data:`CHUNK`,
+    :data:`WINDOW`) and ``--nodelay`` (TCP_NODELAY on the connection); others are ignored.
+    """
     basedir, master, name, password = [a for a in argv if not a.startswith("-")][-4:]
     host, port = master.rsplit(":", 1)
+    config: dict[str, Any] = {"host": host, "port": int(port), "name": name}
+    config.update(password=password, chunk=CHUNK, window=WINDOW, nodelay=False)
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key in ("--chunk", "--window"):
+            config[key[2:]] = int(value)
+        elif key == "--nodelay":
+            config["nodelay"] = True
     os.makedirs(basedir, exist_ok=True)
-    config = {"host": host, "port": int(port), "name": name, "password": password}
     with open(os.path.join(basedir, CONFIG), "w") as f:
         json.dump(config, f)
     return 0
@@ -387,7 +398,10 @@ def start(argv: list[str]) -> int:
     basedir = os.path.abspath([a for a in argv if not a.startswith("-")][-1])
     with open(os.path.join(basedir, CONFIG)) as f:
         config = json.load(f)
+    global CHUNK, WINDOW
+    CHUNK, WINDOW = config["chunk"], config["window"]
     log.startLogging(open(os.path.join(basedir, "twistd.log"), "a"), setStdout=False)
+    log.msg(f"{WINDOW} calls of {CHUNK} bytes in flight, TCP_NODELAY {config['nodelay']}")
     bot = Bot(basedir)
     factory = pb.PBClientFactory()
 
@@ -405,6 +419,8 @@ def start(argv: list[str]) -> int:
     def connected(perspective: Any) -> None:
         # hold the reference: once it is garbage, PB decrefs it and the master logs us out
         bot.perspective = perspective
+        if config["nodelay"]:
+            perspective.broker.transport.setTcpNoDelay(True)
         log.msg("Connected to buildmaster; worker is ready")
 
     d.addCallback(connected)
