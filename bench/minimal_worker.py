@@ -225,12 +225,13 @@ class UploadDirectory(UploadFile):
                 put(e)
 
     def issue(self) -> bool:
+        if self.waiting:  # the pool thread takes the next block: blocks must keep their order
+            return False
         try:
             block = self.blocks.get_nowait()
         except queue.Empty:
-            if not self.waiting:
-                self.waiting = True
-                threads.deferToThread(self.blocks.get).addCallback(self.got_block)
+            self.waiting = True
+            threads.deferToThread(self.blocks.get).addCallback(self.got_block)
             return False
         self.send(block)
         return True
