@@ -1,19 +1,25 @@
 """Transfer throughput against a real Buildbot 4.3.0 master: pyworker next to the reference.
 
-One master, two workers (the reference ``buildbot-worker`` and ``pyworker``), one builder per
-transfer kind and worker, the steps' default arguments (FileUpload 256 KiB blocks, the others
-16 KiB). Each benchmark round runs the same transfer once on each worker, alternating which
-goes first, so both see the same machine; the figures are medians over the rounds:
+One master, three workers: the reference ``buildbot-worker``, ``pyworker`` and the minimal
+pipelining worker (``minimal_worker.py``: 4 calls of 512 KiB in flight, nothing else), the
+baseline of what the master allows. One builder per transfer kind and worker, the steps'
+default arguments (FileUpload 256 KiB blocks, the others 16 KiB; the minimal worker ignores
+them). Each benchmark round runs the same transfer once on each worker, the order turning
+by one each round, so all see the same machine; the figures are medians over the rounds:
 
 * MiB/s: payload size / (build wall time - wall time of an empty build of that worker);
 * worker CPU s/GiB: CPU time of the worker process and all its children (psutil).
 
-The ratio pyworker/reference is attached to ``extra_info`` and printed (``-s``)::
+The minimal worker runs the file transfers and the uncompressed directory upload (it has
+no compression). The ratios pyworker/reference (``ratio``) and pyworker/minimal
+(``minimal_ratio``) are attached to ``extra_info`` and printed (``-s``)::
 
     PYWORKER_BENCH_MIB=128 PYWORKER_BENCH_TREE_MIB=50 pytest bench/bench_transfer.py -s
     pytest bench --benchmark-disable     # CI: once each, small sizes
 
 ``PYWORKER_BENCH_ROUNDS`` sets the rounds (default 5; 1 with ``--benchmark-disable``).
+The payload and the uploaded copies live in ``/dev/shm`` when there is one, so the disk
+is not what is measured.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,9 @@ from typing import Any
 import pytest
 from realmaster import Builder, RealMaster
 from realmaster_bench import WORKERS, interleaved, timed_build
+
+MINIMAL = "minimal"
+ALL_WORKERS = (*WORKERS, MINIMAL)
 
 MiB = 1024 * 1024
 FILE_MIB = int(os.environ.get("PYWORKER_BENCH_MIB", "4"))
@@ -46,6 +56,12 @@ KINDS = {
     "upload_dir_bz2": f"[steps.DirectoryUpload(workersrc={P_SRC}, masterdest={P_DST},"
     " compress='bz2')]",
 }
+#: the kinds the minimal worker runs too (it has no compression)
+MINIMAL_KINDS = ("noop", "upload_file", "download_file", "upload_dir_none")
+
+
+def workers_for(kind: str) -> tuple[str, ...]:
+    return ALL_WORKERS if kind in MINIMAL_KINDS else WORKERS
 
 
 def make_tree(root: Path, total: int) -> int:
@@ -75,10 +91,13 @@ def setup(
     bench_master_venv: Path,
     bench_reference_worker: str,
     bench_pyworker: str,
+    bench_minimal_worker: str,
     tmp_path_factory: Any,
 ) -> Iterator[dict[str, Any]]:
     work: Path = tmp_path_factory.mktemp("bench-transfer")
-    data = work / "data"
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    payload = Path(tempfile.mkdtemp(prefix="pyworker-bench-", dir=shm or work))
+    data = payload / "data"
     data.mkdir()
     block = os.urandom(MiB)
     with open(data / "file.bin", "wb") as f:
@@ -86,24 +105,28 @@ def setup(
             f.write(block[i % 4096 :] + block[: i % 4096])
     tree_size = make_tree(data / "tree", TREE_MIB * MiB)
     builders = {
-        f"{k}-{w}": Builder(factory=src, workers=[w]) for k, src in KINDS.items() for w in WORKERS
+        f"{k}-{w}": Builder(factory=src, workers=[w])
+        for k, src in KINDS.items()
+        for w in workers_for(k)
     }
-    m = RealMaster(work / "m", builders, venv=bench_master_venv, workers=WORKERS)
+    m = RealMaster(work / "m", builders, venv=bench_master_venv, workers=ALL_WORKERS)
     try:
         m.start()
         pids = {
             "reference": m.start_worker(bench_reference_worker, "reference").pid,
             "pyworker": m.start_worker(bench_pyworker, "pyworker").pid,
+            MINIMAL: m.start_worker(bench_minimal_worker, MINIMAL).pid,
         }
         yield {
             "master": m,
             "pids": pids,
             "data": data,
-            "out": work / "out",
+            "out": payload / "out",
             "sizes": {"file": FILE_MIB * MiB, "tree": tree_size},
         }
     finally:
         m.stop()
+        shutil.rmtree(payload, ignore_errors=True)
 
 
 def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
@@ -119,8 +142,17 @@ def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
         src = data / "tree"
     props = {"src": str(src), "dst": str(out / "dest")}
     wall, cpu = timed_build(m, f"{kind}-{worker}", s["pids"][worker], props)
+    if kind != "noop":  # a short copy would make a fast figure
+        assert payload_bytes(out / "dest") == payload_bytes(src), f"{kind} on {worker}"
     shutil.rmtree(out, ignore_errors=True)
     return wall, cpu
+
+
+def payload_bytes(path: Path) -> int:
+    """The size of a file, or the sum of the file sizes in a tree."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize(
@@ -128,26 +160,30 @@ def _build(s: dict[str, Any], kind: str, worker: str) -> tuple[float, float]:
 )
 def test_transfer(benchmark: Any, setup: dict[str, Any], kind: str) -> None:
     size = setup["sizes"]["file" if kind.endswith("_file") else "tree"]
-    noop: dict[str, list[float]] = {w: [] for w in WORKERS}
+    workers = workers_for(kind)
+    noop: dict[str, list[float]] = {w: [] for w in workers}
 
     def one(w: str) -> tuple[float, float]:
         noop[w].append(_build(setup, "noop", w)[0])
         return _build(setup, kind, w)
 
-    runs = interleaved(benchmark, ROUNDS, one)
-    walls = {w: runs[w][0] for w in WORKERS}
-    cpus = {w: runs[w][1] for w in WORKERS}
+    runs = interleaved(benchmark, ROUNDS, one, workers)
+    walls = {w: runs[w][0] for w in workers}
+    cpus = {w: runs[w][1] for w in workers}
     gib = size / (1024 * MiB)
     result: dict[str, float] = {}
-    for w in WORKERS:
+    for w in workers:
         net = max(statistics.median(walls[w]) - statistics.median(noop[w]), 1e-3)
         result[f"{w}_mib_s"] = round(size / MiB / net, 2)
         result[f"{w}_cpu_s_per_gib"] = round(statistics.median(cpus[w]) / gib, 2)
     result["ratio"] = round(result["pyworker_mib_s"] / result["reference_mib_s"], 2)
-    benchmark.extra_info.update(result)
-    print(
-        f"\n{kind}: {size / MiB:.0f} MiB, {len(walls['pyworker'])} rounds: "
-        f"reference {result['reference_mib_s']} MiB/s ({result['reference_cpu_s_per_gib']} "
-        f"CPU s/GiB), pyworker {result['pyworker_mib_s']} MiB/s "
-        f"({result['pyworker_cpu_s_per_gib']} CPU s/GiB), ratio {result['ratio']}x"
+    figures = ", ".join(
+        f"{w} {result[f'{w}_mib_s']} MiB/s ({result[f'{w}_cpu_s_per_gib']} CPU s/GiB)"
+        for w in workers
     )
+    ratios = f"pyworker/reference {result['ratio']}x"
+    if MINIMAL in workers:
+        result["minimal_ratio"] = round(result["pyworker_mib_s"] / result["minimal_mib_s"], 2)
+        ratios += f", pyworker/minimal {result['minimal_ratio']}x"
+    benchmark.extra_info.update(result)
+    print(f"\n{kind}: {size / MiB:.0f} MiB, {len(walls['pyworker'])} rounds: {figures}; {ratios}")

@@ -50,6 +50,14 @@ def bench_reference_worker(bench_master_venv: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def bench_minimal_worker(bench_master_venv: Path, tmp_path_factory: Any) -> str:
+    """The minimal pipelining worker (``minimal_worker.py``), the transfers' baseline."""
+    from realmaster_bench import minimal_worker_exe
+
+    return minimal_worker_exe(bench_master_venv, tmp_path_factory.mktemp("minimal-worker"))
+
+
+@pytest.fixture(scope="session")
 def bench_pyworker() -> str:
     exe = os.environ.get("PYWORKER")
     if not exe or not os.access(exe, os.X_OK):
