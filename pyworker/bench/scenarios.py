@@ -446,16 +446,24 @@ def sc_soak(bench: Bench, worker: Worker, r: Run) -> None:
     print(f"soak: {n} builds in {r.wall:.1f} s, {n / r.wall:.1f} builds/s", flush=True)
     r.latencies, r.commands = lat, n
     r.extra.update({"start": start, "end": end})
+    growth = soak_growth(start, end, n)
+    if growth is not None:
+        raise BenchFailure(growth)
+
+
+def soak_growth(start: dict[str, int], end: dict[str, int], builds: int) -> str | None:
+    """What grew from the start of a soak to its end (:func:`soak_state` of each), or None:
+    any fd, process or leftover more, or PSS beyond :data:`SOAK_PSS_TOLERANCE`."""
     grew = [k for k in ("fds_frontend", "fds_executors", "processes", "leftovers")
             if end[k] > start[k]]
     if grew:
-        raise BenchFailure("soak: grew from start to end: " + ", ".join(
-            f"{k} {start[k]} -> {end[k]}" for k in grew))
+        return "soak: grew from start to end: " + ", ".join(
+            f"{k} {start[k]} -> {end[k]}" for k in grew)
     if end["pss"] - start["pss"] > SOAK_PSS_TOLERANCE:
-        raise BenchFailure(
-            f"soak: PSS grew {start['pss'] / MiB:.1f} -> {end['pss'] / MiB:.1f} MiB "
-            f"({(end['pss'] - start['pss']) / n / 1024:.1f} KiB a build; tolerance "
-            f"{SOAK_PSS_TOLERANCE / MiB:g} MiB)")
+        return (f"soak: PSS grew {start['pss'] / MiB:.1f} -> {end['pss'] / MiB:.1f} MiB "
+                f"({(end['pss'] - start['pss']) / builds / 1024:.1f} KiB a build; tolerance "
+                f"{SOAK_PSS_TOLERANCE / MiB:g} MiB)")
+    return None
 
 
 # -- registration -----------------------------------------------------------------------------

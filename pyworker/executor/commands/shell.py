@@ -33,9 +33,14 @@ from pyworker.executor.process import (
     next_command_mark,
     reap_unowned,
     spawning,
+    tree_rss,
 )
 
+#: The largest read of a command's output stream. A stream's reads start at
+#: :data:`FIRST_READ_SIZE` and double each time one fills up: the I/O core's buffers follow
+#: the output, so 64 commands that print a line each do not hold 64 x 2 x 256 KiB of them.
 READ_SIZE = 256 * 1024
+FIRST_READ_SIZE = 16 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
 BACKUP_TIMEOUT = 5.0
@@ -408,21 +413,8 @@ class ProcessRunner:
 
     def _sample_rss(self) -> None:
         """Add up the RSS of the command's process tree (for the resource report)."""
-        import psutil
-
         assert self.proc is not None
-        try:
-            top = psutil.Process(self.proc.pid)
-            procs = [top, *top.children(recursive=True)]
-        except psutil.Error:
-            return
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        self.channel.peak_rss = max(self.channel.peak_rss, total)
+        self.channel.peak_rss = max(self.channel.peak_rss, tree_rss(self.proc.pid))
 
     def _poll_logfiles(self, final: bool = False) -> bool:
         """Send what the watched logfiles gained (``final``: all they hold now, at the end);
@@ -491,6 +483,7 @@ class _RunState:
         self.pumps = {key: self.channel.pump(key, count_lines=counting) for _, key in streams}
         #: Output streams not at EOF yet: fd -> ``stdout`` / ``stderr``.
         self.open_fds = {fd: key for fd, key in streams}
+        self.read_sizes = {fd: FIRST_READ_SIZE for fd, _ in streams}
         self.stdin_fd = stdin_fd
         self.stdin_view = memoryview(runner.stdin_data or b"") if stdin_fd is not None else None
         self.poller = select.poll()
@@ -565,13 +558,17 @@ class _RunState:
         """
         runner = self.runner
         pump = self.pumps[key]
+        size = self.read_sizes[fd]
         if not runner._wanted(key):
-            return pump.discard_from(fd, READ_SIZE)
-        limit = None if runner.killed else runner.max_lines
-        n = pump.read_from(fd, READ_SIZE, send=limit is None)
-        if limit is not None and n > 0:
-            self.check_max_lines(pump.last_newlines, limit)
-            pump.send()
+            n = pump.discard_from(fd, size)
+        else:
+            limit = None if runner.killed else runner.max_lines
+            n = pump.read_from(fd, size, send=limit is None)
+            if limit is not None and n > 0:
+                self.check_max_lines(pump.last_newlines, limit)
+                pump.send()
+        if n == size and size < READ_SIZE:
+            self.read_sizes[fd] = size * 2
         return n
 
     def close_streams(self) -> None:
