@@ -1,4 +1,5 @@
-"""Linux process controls that both the front end and the executors use (``prctl``).
+"""Linux process controls that both the front end and the executors use (``prctl``,
+``malloc_trim``).
 
 Shared by both sides: it imports nothing of pyworker.
 """
@@ -17,6 +18,18 @@ def prctl(option: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_memory() -> bool:
+    """Give the C library's free heap memory back to the kernel (glibc ``malloc_trim``):
+    after a load, the pages freed objects leave in the heap stay resident until then.
+    False where there is no ``malloc_trim``."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

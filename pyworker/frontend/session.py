@@ -31,6 +31,37 @@ BATCH_BYTES = 512 * 1024
 #: Stop reading the executor when this much output waits for the master; resume below LOW.
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
+#: The same for all sessions together: 64 streams at HIGH_WATER each would hold 512 MiB (one
+#: run of 64 x 2 MiB streams peaked at 268 MiB in the front end). Past GLOBAL_HIGH_WATER the
+#: session whose output adds to it stops reading its executor; below GLOBAL_LOW_WATER every
+#: session stopped so resumes (if its own backlog is below LOW_WATER).
+GLOBAL_HIGH_WATER = 32 * 1024 * 1024
+GLOBAL_LOW_WATER = 16 * 1024 * 1024
+
+
+class Backlog:
+    """Output of all sessions waiting for the master, and the sessions it paused."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.paused: set[CommandSession] = set()
+
+    def grew(self, session: CommandSession, size: int) -> None:
+        self.total += size
+        if self.total > GLOBAL_HIGH_WATER and session.executor is not None:
+            self.paused.add(session)
+            session.executor.pause()
+
+    def shrank(self, size: int) -> None:
+        self.total -= size
+        if self.paused and self.total < GLOBAL_LOW_WATER:
+            paused, self.paused = self.paused, set()
+            for session in paused:
+                session.resume_if_below()
+
+
+#: One backlog per front end (the process has one worker).
+BACKLOG = Backlog()
 TEXT_KEYS = frozenset(frames.TEXT_CHANNELS)
 
 
@@ -115,6 +146,7 @@ class CommandSession:
             return
         self.silenced = True
         self.pending.clear()
+        BACKLOG.shrank(self.pending_bytes)
         self.pending_bytes = 0
         if self.executor is not None:
             self.executor.resume()
@@ -201,6 +233,17 @@ class CommandSession:
         self.pending_bytes += size
         if self.pending_bytes > HIGH_WATER and self.executor is not None:
             self.executor.pause()
+        BACKLOG.grew(self, size)
+
+    def resume_if_below(self) -> None:
+        """Read the executor again unless this session's own backlog is still high, or all
+        sessions' is (the session is then paused by the backlog again)."""
+        if self.executor is None or self.pending_bytes >= LOW_WATER:
+            return
+        if BACKLOG.total < GLOBAL_LOW_WATER:
+            self.executor.resume()
+        else:
+            BACKLOG.paused.add(self)
 
     def _send_batch(self) -> None:
         """Send what is pending, at most BATCH_BYTES of it, as one ``update`` call."""
@@ -218,8 +261,8 @@ class CommandSession:
             size += n
         self.pending_bytes -= size
         self.bytes_out += size
-        if self.pending_bytes < LOW_WATER and self.executor is not None:
-            self.executor.resume()
+        BACKLOG.shrank(size)
+        self.resume_if_below()
         self.in_flight += 1
         d = _guarded(self.master.send_updates, batch)
         d.addErrback(self._update_failed)
@@ -240,6 +283,7 @@ class CommandSession:
         if self.done:
             return
         self.done = True
+        BACKLOG.paused.discard(self)
         STATS.command_finished(failed=failure is not None)
         executor, self.executor = self.executor, None
         if executor is not None:
