@@ -29,7 +29,7 @@ from pyworker import commandset, paths
 from pyworker import config as config_mod
 from pyworker.frontend import metrics
 from pyworker.frontend.pool import ExecutorPool
-from pyworker.frontend.session import CommandSession, MasterSide
+from pyworker.frontend.session import Backlog, CommandSession, MasterSide
 from pyworker.linux import release_free_memory
 
 #: Seconds without a command after which the front end returns freed heap memory to the
@@ -123,6 +123,8 @@ class WorkerCore:
         #: Running commands by (builder name or None, command id).
         self.sessions: dict[tuple[str | None, str], CommandSession] = {}
         self._trim_call: Any = None
+        #: The output of all commands waiting for the master (bounded together).
+        self.backlog = Backlog()
         self.io_settings: dict[str, Any] = io_settings(config)
         self.restrict: dict[str, Any] | None = (
             {"root": self.basedir, "protected": list(WORKER_FILES)}
@@ -274,7 +276,7 @@ class WorkerCore:
             "restrict": self.restrict,
         }
         session = CommandSession(self.pool, master, name, command_id, request,
-                                 on_done=self._command_done)
+                                 on_done=self._command_done, backlog=self.backlog)
         session.builder = builder
         session.connection = connection
         log.info("(command {id}): startCommand:{command} (builder {b})", id=command_id,

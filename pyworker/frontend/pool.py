@@ -71,19 +71,28 @@ class ExecutorClient(Protocol):
     def executor_lost(self, reason: str) -> None: ...
 
 
+#: The most one read of a slot's event pipe takes (Twisted's process pipes read 8 KiB).
+READ_SIZE = 1024 * 1024
+#: What one turn of the reactor may read from all busy slots together: with 64 busy slots a
+#: read is 256 KiB, so a turn holds 16 MiB of fresh output, not 64 MiB (then as much again
+#: decoded) before the sessions' backlog can stop the executors.
+READ_BUDGET = 16 * 1024 * 1024
+MIN_READ_SIZE = 64 * 1024
+
+
 class _PipeReader(abstract.FileDescriptor):
-    """Reads an executor's pipe or socket in large reads (Twisted's process pipes read 8 KiB);
+    """Reads an executor's pipe or socket in large reads, of ``read_size()`` bytes;
     ``on_end`` is called once when the far end closes it."""
 
-    READ_SIZE = 1024 * 1024
-
     def __init__(self, reactor: Any, fd: int, on_data: Callable[[bytes], None],
-                 on_end: Callable[[], None] | None = None, owns_fd: bool = True) -> None:
+                 on_end: Callable[[], None] | None = None, owns_fd: bool = True,
+                 read_size: Callable[[], int] = lambda: READ_SIZE) -> None:
         super().__init__(reactor)
         self.fd = fd
         self.on_data = on_data
         self.on_end = on_end
         self.owns_fd = owns_fd
+        self.read_size = read_size
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
@@ -91,7 +100,7 @@ class _PipeReader(abstract.FileDescriptor):
 
     def doRead(self) -> Any:  # noqa: N802 - Twisted
         try:
-            data = os.read(self.fd, self.READ_SIZE)
+            data = os.read(self.fd, self.read_size())
         except BlockingIOError:
             return None
         except OSError:
@@ -105,7 +114,7 @@ class _PipeReader(abstract.FileDescriptor):
         """Read everything left (the writer is gone): no frame is lost to a race."""
         while self.fd >= 0:
             try:
-                data = os.read(self.fd, self.READ_SIZE)
+                data = os.read(self.fd, READ_SIZE)
             except (BlockingIOError, OSError):
                 return
             if not data:
@@ -184,7 +193,7 @@ class ExecutorSlot:
         self._paused = False
         self.writer = _PipeWriter(reactor, control_fd)
         self.reader = _PipeReader(reactor, events_fd, self._events_received,
-                                  self._events_ended)
+                                  self._events_ended, read_size=executor.pool.read_size)
         self.reader.startReading()
 
     @property
@@ -389,6 +398,11 @@ class ExecutorPool:
     def size(self) -> int:
         """Slots open (idle and busy)."""
         return len(self.idle) + len(self.busy)
+
+    def read_size(self) -> int:
+        """How much one read of a busy slot's event pipe takes: :data:`READ_BUDGET` shared
+        by the busy slots, between :data:`MIN_READ_SIZE` and :data:`READ_SIZE`."""
+        return max(MIN_READ_SIZE, min(READ_SIZE, READ_BUDGET // max(1, len(self.busy))))
 
     def start(self) -> None:
         # If an executor dies, its commands' processes come back to us, to be swept.

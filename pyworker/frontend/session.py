@@ -37,14 +37,36 @@ LOW_WATER = 2 * 1024 * 1024
 #: session stopped so resumes (if its own backlog is below LOW_WATER).
 GLOBAL_HIGH_WATER = 32 * 1024 * 1024
 GLOBAL_LOW_WATER = 16 * 1024 * 1024
+#: Text of all sessions' ``update`` calls sent and not yet answered. Each session has one
+#: update in flight at a time; with 64 of them that is 32 MiB in the connection's buffer
+#: (and copies of it as Twisted joins its buffer), while the master takes updates one at a
+#: time: a few in flight keep it busy as well.
+IN_FLIGHT_BUDGET = 4 * 1024 * 1024
 
 
 class Backlog:
-    """Output of all sessions waiting for the master, and the sessions it paused."""
+    """Output of all sessions waiting for the master, the sessions it paused, the text in
+    flight and the sessions waiting for room to send."""
 
     def __init__(self) -> None:
         self.total = 0
         self.paused: set[CommandSession] = set()
+        self.in_flight = 0
+        self.waiting: deque[CommandSession] = deque()
+
+    def may_send(self, session: CommandSession) -> bool:
+        """Whether ``session`` may send an update now; if not, it is woken when it may."""
+        if self.in_flight == 0 or self.in_flight + BATCH_BYTES <= IN_FLIGHT_BUDGET:
+            return True
+        if session not in self.waiting:
+            self.waiting.append(session)
+        return False
+
+    def answered(self, size: int) -> None:
+        self.in_flight -= size
+        while self.waiting and (
+                self.in_flight == 0 or self.in_flight + BATCH_BYTES <= IN_FLIGHT_BUDGET):
+            self.waiting.popleft().try_send()
 
     def grew(self, session: CommandSession, size: int) -> None:
         self.total += size
@@ -58,10 +80,6 @@ class Backlog:
             paused, self.paused = self.paused, set()
             for session in paused:
                 session.resume_if_below()
-
-
-#: One backlog per front end (the process has one worker).
-BACKLOG = Backlog()
 TEXT_KEYS = frozenset(frames.TEXT_CHANNELS)
 
 
@@ -91,8 +109,11 @@ class CommandSession:
         command_id: str,
         request: dict[str, Any],
         on_done: Any = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.pool = pool
+        #: Shared by the worker's sessions (the core's); a session of its own by default.
+        self.backlog = backlog if backlog is not None else Backlog()
         self.master = master
         self.name = name
         self.command_id = command_id
@@ -146,7 +167,7 @@ class CommandSession:
             return
         self.silenced = True
         self.pending.clear()
-        BACKLOG.shrank(self.pending_bytes)
+        self.backlog.shrank(self.pending_bytes)
         self.pending_bytes = 0
         if self.executor is not None:
             self.executor.resume()
@@ -226,24 +247,29 @@ class CommandSession:
         else:
             pending.append([key, value, size, None])
         self._account(size)
-        if self.in_flight == 0:
-            self._send_batch()
+        self.try_send()
 
     def _account(self, size: int) -> None:
         self.pending_bytes += size
         if self.pending_bytes > HIGH_WATER and self.executor is not None:
             self.executor.pause()
-        BACKLOG.grew(self, size)
+        self.backlog.grew(self, size)
 
     def resume_if_below(self) -> None:
         """Read the executor again unless this session's own backlog is still high, or all
         sessions' is (the session is then paused by the backlog again)."""
         if self.executor is None or self.pending_bytes >= LOW_WATER:
             return
-        if BACKLOG.total < GLOBAL_LOW_WATER:
+        if self.backlog.total < GLOBAL_LOW_WATER:
             self.executor.resume()
         else:
-            BACKLOG.paused.add(self)
+            self.backlog.paused.add(self)
+
+    def try_send(self) -> None:
+        """Send the next batch if none of ours is in flight and all sessions' in-flight
+        text leaves room (else :class:`Backlog` wakes us when it does)."""
+        if self.in_flight == 0 and self.pending and not self.done and self.backlog.may_send(self):
+            self._send_batch()
 
     def _send_batch(self) -> None:
         """Send what is pending, at most BATCH_BYTES of it, as one ``update`` call."""
@@ -261,21 +287,22 @@ class CommandSession:
             size += n
         self.pending_bytes -= size
         self.bytes_out += size
-        BACKLOG.shrank(size)
+        self.backlog.shrank(size)
         self.resume_if_below()
         self.in_flight += 1
+        self.backlog.in_flight += size
         d = _guarded(self.master.send_updates, batch)
         d.addErrback(self._update_failed)
-        d.addBoth(self._update_done)
+        d.addBoth(self._update_done, size)
 
     def _update_failed(self, failure: Failure) -> None:
         log.warn("update for command {id} failed: {f}", id=self.command_id,
                  f=failure.getErrorMessage())
 
-    def _update_done(self, _: Any) -> None:
+    def _update_done(self, _: Any, size: int) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0 and not self.done:
-            self._send_batch()
+        self.backlog.answered(size)
+        self.try_send()
 
     # -- completion ----------------------------------------------------------------------
 
@@ -283,7 +310,9 @@ class CommandSession:
         if self.done:
             return
         self.done = True
-        BACKLOG.paused.discard(self)
+        self.backlog.paused.discard(self)
+        if self in self.backlog.waiting:
+            self.backlog.waiting.remove(self)
         STATS.command_finished(failed=failure is not None)
         executor, self.executor = self.executor, None
         if executor is not None:

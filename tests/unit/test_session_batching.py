@@ -19,7 +19,16 @@ from unit_fakes import (
 
 from pyworker import frames
 from pyworker.frontend import metrics
-from pyworker.frontend.session import BATCH_BYTES, HIGH_WATER, LOW_WATER, CommandSession
+from pyworker.frontend.session import (
+    BATCH_BYTES,
+    GLOBAL_HIGH_WATER,
+    GLOBAL_LOW_WATER,
+    HIGH_WATER,
+    IN_FLIGHT_BUDGET,
+    LOW_WATER,
+    Backlog,
+    CommandSession,
+)
 
 KiB = 1024
 REQUEST = {"name": "shell", "args": {"command": ["true"]}, "command_id": "7"}
@@ -379,3 +388,80 @@ def test_arguments_bigger_than_an_executor_takes_are_refused_before_any_executor
     else:
         raise AssertionError("a request no executor can read was sent")
     assert not pool.waiting, "it waits for an executor"
+
+
+# -- all sessions together -------------------------------------------------------------------
+
+
+class Worker:
+    """``n`` sessions sharing one :class:`Backlog` (as the core's do), one master each."""
+
+    def __init__(self, n: int) -> None:
+        self.backlog = Backlog()
+        self.pool = FakePool()
+        self.masters = [FakeMaster() for _ in range(n)]
+        self.sessions = [CommandSession(self.pool, m, "shell", str(i), dict(REQUEST),
+                                        backlog=self.backlog)
+                         for i, m in enumerate(self.masters)]
+        for s in self.sessions:
+            s.start()
+        self.executors = [self.pool.serve() for _ in self.sessions]
+
+    def text(self, i: int, text: str) -> None:
+        self.sessions[i].executor_frame(*text_frame(text))
+
+    def in_flight(self) -> int:
+        return sum(len(m.update_deferreds) for m in self.masters)
+
+
+def test_the_sessions_text_in_flight_is_bounded_together_and_each_waits_its_turn() -> None:
+    w = Worker(16)
+    for i in range(16):
+        w.text(i, chunk(BATCH_BYTES, chr(ord("a") + i)))
+    allowed = IN_FLIGHT_BUDGET // BATCH_BYTES
+    assert w.in_flight() == allowed, "beyond the budget, sessions wait"
+    assert w.backlog.in_flight == allowed * BATCH_BYTES
+    assert [len(m.update_deferreds) for m in w.masters[:allowed]] == [1] * allowed
+    # one answer lets the first session that waited send
+    w.masters[0].ack_update()
+    assert len(w.masters[allowed].update_deferreds) == 1
+    assert w.in_flight() == allowed
+    # answering everything in turn: every session's text goes out, once, whole
+    while w.in_flight():
+        for m in w.masters:
+            if m.update_deferreds:
+                m.ack_update()
+    for i, m in enumerate(w.masters):
+        assert m.updates == [[("stdout", chunk(BATCH_BYTES, chr(ord("a") + i)))]]
+    assert w.backlog.in_flight == 0 and not w.backlog.waiting
+
+
+def test_a_session_completing_while_it_waits_sends_its_text_before_complete() -> None:
+    w = Worker(16)
+    for i in range(16):
+        w.text(i, chunk(BATCH_BYTES))
+    last = w.sessions[15]
+    assert last in w.backlog.waiting
+    last.executor_frame(*value_frame(frames.COMPLETE, None))
+    assert [e[0] for e in w.masters[15].events] == ["update", "complete"]
+    assert last not in w.backlog.waiting
+
+
+def test_all_sessions_output_past_the_global_mark_pauses_and_below_it_resumes() -> None:
+    n = GLOBAL_HIGH_WATER // HIGH_WATER * 4  # each session stays under its own mark
+    w = Worker(n)
+    per = GLOBAL_HIGH_WATER // n + BATCH_BYTES
+    for i in range(n):
+        for _ in range(per // (256 * KiB)):
+            w.text(i, chunk(256 * KiB))
+    assert all(s.pending_bytes < HIGH_WATER for s in w.sessions)
+    assert w.backlog.total > GLOBAL_HIGH_WATER
+    paused = [e for e in w.executors if e.paused]
+    assert paused, "no session paused at the global mark"
+    # the master catches up: every paused executor is read again once below the low mark
+    while w.backlog.total >= GLOBAL_LOW_WATER:
+        for m in w.masters:
+            if m.update_deferreds:
+                m.ack_update()
+    assert not any(e.paused for e in w.executors)
+    assert all(e.transitions[-1] == "resume" for e in paused)
