@@ -415,8 +415,9 @@ class Worker:
 
 
 def test_the_sessions_text_in_flight_is_bounded_together_and_each_waits_its_turn() -> None:
-    w = Worker(16)
-    for i in range(16):
+    n = IN_FLIGHT_BUDGET // BATCH_BYTES + 4
+    w = Worker(n)
+    for i in range(n):
         w.text(i, chunk(BATCH_BYTES, chr(ord("a") + i)))
     allowed = IN_FLIGHT_BUDGET // BATCH_BYTES
     assert w.in_flight() == allowed, "beyond the budget, sessions wait"
@@ -437,13 +438,14 @@ def test_the_sessions_text_in_flight_is_bounded_together_and_each_waits_its_turn
 
 
 def test_a_session_completing_while_it_waits_sends_its_text_before_complete() -> None:
-    w = Worker(16)
-    for i in range(16):
+    n = IN_FLIGHT_BUDGET // BATCH_BYTES + 1
+    w = Worker(n)
+    for i in range(n):
         w.text(i, chunk(BATCH_BYTES))
-    last = w.sessions[15]
+    last = w.sessions[-1]
     assert last in w.backlog.waiting
     last.executor_frame(*value_frame(frames.COMPLETE, None))
-    assert [e[0] for e in w.masters[15].events] == ["update", "complete"]
+    assert [e[0] for e in w.masters[-1].events] == ["update", "complete"]
     assert last not in w.backlog.waiting
 
 
