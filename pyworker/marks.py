@@ -14,7 +14,6 @@ Shared by both sides: it imports nothing of pyworker.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import signal
@@ -33,6 +32,8 @@ _NEEDLE = b"\0" + MARK_VAR.encode() + b"="
 
 def basedir_id(basedir: str) -> str:
     """The basedir part of the mark: a hash of the basedir's real path."""
+    import hashlib  # the executors never need it
+
     real = os.path.realpath(basedir).encode("utf-8", "surrogateescape")
     return hashlib.sha256(real).hexdigest()[:20]
 

@@ -29,7 +29,6 @@ import stat
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 from pyworker import frames, paths
@@ -79,6 +78,8 @@ def run_one(channel: Channel, request: dict[str, Any]) -> None:
     except (CommandError, paths.PathRefused) as e:
         failure = str(e)
     except Exception as e:  # a bug or bad input: the master gets a failed step, we go on
+        import traceback
+
         failure = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     user, system = (after - before + child for after, before, child
                     in zip(_thread_cpu_times(), usage_before, channel.children_cpu,
@@ -142,6 +143,8 @@ def _slot_thread(rfd: int, wfd: int) -> None:
     try:
         serve_slot(rfd, wfd)
     except BaseException as e:  # a bug: the slot ends, and a command it ran fails readably
+        import traceback
+
         traceback.print_exc()
         try:
             Channel(rfd, wfd).write(frames.value_frame(
@@ -182,6 +185,10 @@ def main() -> int:
     import pyworker.iocore  # noqa: F401
 
     os.environ.pop("PYWORKER_IO", None)
+    # The commands too, before we say we are ready: the first command does not wait for
+    # their imports (about 20 ms), which overlap the front end's connection to the master.
+    from pyworker.executor.commands import registry  # noqa: F401
+
     take_mark_base()
     process_umask()
     reset_signal_dispositions()
