@@ -256,6 +256,15 @@ def _read_proc(pid: int) -> ProcInfo | None:
     return ProcInfo(pid=pid, ppid=int(rest[1]), state=rest[0], cmdline=cmd)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def descendants(root: int | None = None) -> list[ProcInfo]:
     """All live (or zombie) descendants of ``root`` (default: this process)."""
     root = os.getpid() if root is None else root

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from executor_driver import ExecutorDriver
-from realmaster import descendants, wait_for_process
+from realmaster import alive, descendants, wait_for_process
 
 from pyworker import frames as wire
 from pyworker import marks
@@ -178,18 +178,6 @@ def test_interrupt(ex: ExecutorDriver, tmp_path: Path) -> None:
     assert "elapsed" not in r.keys()  # suppressed after an interrupt
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("how", ["group", "setsid", "double-fork"])
 def test_no_descendant_survives_a_timeout(ex: ExecutorDriver, tmp_path: Path, how: str) -> None:
     pidfile = tmp_path / "pid"
@@ -205,12 +193,12 @@ def test_no_descendant_survives_a_timeout(ex: ExecutorDriver, tmp_path: Path, ho
     assert r.rc == -1
     pid = int(pidfile.read_text().split()[0])
     deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    alive = _alive(pid)
-    if alive:
+    survived = alive(pid)
+    if survived:
         os.kill(pid, signal.SIGKILL)
-    assert not alive, f"{how}: pid {pid} survived the command's kill"
+    assert not survived, f"{how}: pid {pid} survived the command's kill"
 
 
 def test_logfiles(ex: ExecutorDriver, tmp_path: Path) -> None:
@@ -297,9 +285,9 @@ def test_executor_exits_and_kills_its_command_when_the_front_end_goes(tmp_path: 
     pid = int(pidfile.read_text())
     driver.close()
     deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 if sys.platform != "linux":  # pragma: no cover
@@ -371,14 +359,14 @@ def test_a_killed_command_sweeps_its_mark_outside_its_tree(
     # the same basedir and instance, another command (".10" starts with ".1": exact match)
     other = _spawn_outside(mark + "0", "305")
     try:
-        assert _alive(escaped) and _alive(other)
+        assert alive(escaped) and alive(other)
         assert escaped not in {p.pid for p in descendants(marked_ex.proc.pid)}
         marked_ex.interrupt()
         frames = list(marked_ex.frames())
         assert frames[-1][0] == wire.COMPLETE
         # swept (killed and waited for) before the command completed
-        assert not _alive(escaped), "the escaped process carrying the mark survived"
-        assert _alive(other), "a process with another command's mark was killed"
+        assert not alive(escaped), "the escaped process carrying the mark survived"
+        assert alive(other), "a process with another command's mark was killed"
     finally:
         for pid in (escaped, other):
             try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from executor_driver import Result, SlotDriver, SlottedExecutor
-from realmaster import descendants
+from realmaster import alive, descendants
 
 from pyworker import marks
 
@@ -149,16 +149,8 @@ def test_the_front_end_going_kills_every_command(host: SlottedExecutor, tmp_path
     host.sock.close()
     assert host.proc.wait(30) == 0
     for v in victims:
-        wait_until(f"{v.cmdline} ({v.pid}) killed", lambda v=v: not _alive(v.pid), timeout=10)
+        wait_until(f"{v.cmdline} ({v.pid}) killed", lambda v=v: not alive(v.pid), timeout=10)
     for slot in slots:  # every slot's pipe is closed: the executor is gone
         os.set_blocking(slot.events_fd, True)
         while os.read(slot.events_fd, 1 << 20):
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

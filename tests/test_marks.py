@@ -10,16 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from realmaster import alive
 
 from pyworker import marks
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Marked:
@@ -92,8 +85,8 @@ def test_the_start_up_sweep_kills_only_its_basedir_of_gone_instances(
     killed = marks.sweep_gone_instances(here, ours)
     assert sorted(v.pid for v, _ in killed) == sorted(dead)
     assert all(what.startswith("sleep 8") for _, what in killed)
-    assert not any(_alive(pid) for pid in dead)  # killed and waited for
-    assert all(_alive(pid) for pid in kept)
+    assert not any(alive(pid) for pid in dead)  # killed and waited for
+    assert all(alive(pid) for pid in kept)
 
 
 def test_the_command_sweep_matches_its_mark_exactly(marked: Marked) -> None:
@@ -101,6 +94,6 @@ def test_the_command_sweep_matches_its_mark_exactly(marked: Marked) -> None:
     victim = marked.start(mark)
     kept = [marked.start(mark + "0"), marked.start("0123:1-1:7.2")]
     assert [m.pid for m in marks.sweep_command(mark)] == [victim]
-    assert not _alive(victim)
-    assert all(_alive(pid) for pid in kept)
+    assert not alive(victim)
+    assert all(alive(pid) for pid in kept)
     assert marks.sweep_command(mark) == []

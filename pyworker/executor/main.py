@@ -20,7 +20,6 @@ the front end closes ends its command alone.
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import signal
@@ -133,9 +132,7 @@ def serve_slot(rfd: int, wfd: int) -> None:
                     release_free_memory()
     except FrontEndGone:
         return
-    except OSError as e:
-        if e.errno != errno.EPIPE:
-            raise
+    except BrokenPipeError:  # the event pipe's reader is gone
         FrontEndGone.now()
 
 
@@ -216,9 +213,7 @@ def main() -> int:
             serve_slot(rfd, wfd)
     except FrontEndGone:
         pass
-    except OSError as e:
-        if e.errno != errno.EPIPE:
-            raise
+    except BrokenPipeError:  # our socket's other end is gone
         FrontEndGone.now()
     kill_all_commands()
     if slotted:
