@@ -3,7 +3,9 @@ reference worker on the same master, in the same run, interleaved round by round
 
 * ``stdout``: one step printing ``PYWORKER_BENCH_STDOUT_MIB`` MiB of 70-character lines;
 * ``streams``: 8 builders at once, each printing an eighth of that;
-* ``trivial``: a build of ``TRIVIAL_STEPS`` steps running ``true`` (time per step).
+* ``trivial``: a build of ``TRIVIAL_STEPS`` steps running ``true`` (time per step);
+* ``trivial8``: 8 builders at once, each a build of ``TRIVIAL_STEPS`` such steps (wall time
+  of the 8 builds, and worker CPU per step).
 
 Printed with ``-s`` and stored in ``extra_info``: MiB/s (or ms per step), worker CPU seconds
 per GiB (front end, executors and commands, via psutil), and the pyworker/reference ratio::
@@ -48,11 +50,11 @@ def setup(
         builders[f"stdout-{w}"] = Builder(_print_step(STDOUT_MIB), workers=[w])
         for i in range(STREAMS):
             builders[f"stream{i}-{w}"] = Builder(_print_step(STDOUT_MIB / STREAMS), workers=[w])
-        builders[f"trivial-{w}"] = Builder(
-            "[" + ", ".join(["steps.ShellCommand(command=['true'], logEnviron=False)"]
-                            * TRIVIAL_STEPS) + "]",
-            workers=[w],
-        )
+        trivial = ("[" + ", ".join(["steps.ShellCommand(command=['true'], logEnviron=False)"]
+                                   * TRIVIAL_STEPS) + "]")
+        builders[f"trivial-{w}"] = Builder(trivial, workers=[w])
+        for i in range(STREAMS):
+            builders[f"trivial{i}-{w}"] = Builder(trivial, workers=[w])
     m = RealMaster(tmp_path_factory.mktemp("bench-shell"), builders, venv=bench_master_venv,
                    workers=WORKERS)
     try:
@@ -113,3 +115,27 @@ def test_trivial_steps(benchmark: Any, setup: dict[str, Any]) -> None:
     result["speedup"] = round(result["reference_ms_per_step"] / result["pyworker_ms_per_step"], 2)
     _report(benchmark, f"trivial steps ({TRIVIAL_STEPS} per build)", result)
 
+
+
+def test_eight_builders_of_trivial_steps(benchmark: Any, setup: dict[str, Any]) -> None:
+    m: RealMaster = setup["master"]
+
+    def one(w: str) -> tuple[float, float]:
+        cpu0 = tree_cpu(setup["pids"][w])
+        t0 = time.perf_counter()
+        builds = m.force_builds([(f"trivial{i}-{w}", None) for i in range(STREAMS)],
+                                timeout=600)
+        wall = time.perf_counter() - t0
+        assert all(b.result == "SUCCESS" for b in builds), [b.describe() for b in builds]
+        return wall, tree_cpu(setup["pids"][w]) - cpu0
+
+    runs = interleaved(benchmark, ROUNDS, one)
+    steps = STREAMS * TRIVIAL_STEPS
+    result: dict[str, float] = {}
+    for w in WORKERS:
+        result[f"{w}_wall_s"] = round(median(runs[w][0]), 2)
+        result[f"{w}_cpu_ms_per_step"] = round(median(runs[w][1]) / steps * 1000, 2)
+    result["speedup"] = round(result["reference_wall_s"] / result["pyworker_wall_s"], 2)
+    result["cpu_ratio"] = round(result["reference_cpu_ms_per_step"]
+                                / max(result["pyworker_cpu_ms_per_step"], 1e-6), 2)
+    _report(benchmark, f"{STREAMS} builders x {TRIVIAL_STEPS} trivial steps at once", result)
