@@ -287,6 +287,10 @@ class ExecutorProcess(protocol.ProcessProtocol):
                                        self._socket_closed, owns_fd=False)
         self.sock_reader.startReading()
 
+    def preference(self) -> tuple[bool, int]:
+        """Sorts first the executor a slot should go to: ready ones, then the fewest slots."""
+        return (not self.ready, len(self.slots))
+
     @property
     def usable(self) -> bool:
         """Alive, and its socket still takes slots (it closes first when the process dies)."""
@@ -440,7 +444,7 @@ class ExecutorPool:
         live = [e for e in self.executors if e.usable]
         if not live:
             return self._spawn()
-        best = min(live, key=lambda e: (not e.ready, len(e.slots)))
+        best = min(live, key=ExecutorProcess.preference)
         if len(best.slots) >= self.slots_per_executor and len(live) < self.max_executors:
             if all(e.ready for e in live):
                 self._spawn()  # for the slots after this one
@@ -484,7 +488,7 @@ class ExecutorPool:
             raise RuntimeError("the worker is shutting down")
         if self.idle:
             # the idle slot on the least busy executor
-            slot = min(self.idle, key=lambda s: (not s.executor.ready, len(s.executor.slots)))
+            slot = min(self.idle, key=lambda s: s.executor.preference())
             self.idle.remove(slot)
         elif self.size < self.max_size:
             slot = self._open_slot()
@@ -557,11 +561,11 @@ class ExecutorPool:
             else:
                 slot.close()
         self.idle = keep
-        # an executor left without slots ends, but one stays (the kept idle slots' or any)
+        # executors left without slots end, but one stays
         live = [e for e in self.executors if e.alive]
-        for executor in live[1:] if all(e.slots == set() for e in live) else live:
-            if not executor.slots:
-                executor.close_socket()
+        empty = [e for e in live if not e.slots]
+        for executor in empty[1:] if len(empty) == len(live) else empty:
+            executor.close_socket()
         if len(self.idle) > self.min_idle:
             # Next when the oldest of those beyond min_idle has been idle the whole timeout,
             # not a whole timeout from now: a pool shrinks back within one timeout of its
