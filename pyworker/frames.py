@@ -74,6 +74,11 @@ class WireError(Exception):
     """The byte stream is not a valid sequence of frames."""
 
 
+def header(kind: int, length: int, channel: int = 0) -> bytes:
+    """The header of a frame whose ``length`` payload bytes are written after it."""
+    return HEADER.pack(length, kind, channel, 0)
+
+
 def frame(kind: int, payload: bytes = b"", channel: int = 0) -> bytes:
     """One frame as bytes (header and payload)."""
     return HEADER.pack(len(payload), kind, channel, 0) + payload
@@ -93,34 +98,126 @@ def load(payload: bytes) -> Any:
 
 
 class FrameDecoder:
-    """Incremental decoder: feed it bytes, iterate over the whole frames they complete."""
+    """Incremental decoder: feed it bytes, iterate over the whole frames they complete.
+
+    Each payload is copied once at most: a frame that lies whole in one fed chunk is a slice
+    of it; a large payload split over several chunks (a transfer block) is kept as views of
+    them and joined once it is complete. Only headers and small frames cut by a chunk's end
+    are buffered. A consumer that stops iterating early loses nothing: the frames not yet
+    yielded come out of the next :meth:`feed`.
+    """
+
+    #: Payloads from this size on are gathered as views rather than in the buffer.
+    GATHER_SIZE: Final = 16 * 1024
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # a cut header or small frame (more only after an early stop)
+        self._parts: list[bytes | memoryview] | None = None  # a large payload being gathered
+        self._missing = 0
+        self._kind = 0
+        self._channel = 0
+        self._gathered = 0
 
     def feed(self, data: bytes) -> Iterator[tuple[int, int, bytes]]:
         """Add ``data`` and yield each complete ``(kind, channel, payload)``."""
-        buf = self._buffer
-        buf += data
-        offset = 0
-        end = len(buf)
+        if type(data) is not bytes:
+            data = bytes(data)  # views into it are kept: it must not change
+        view = memoryview(data)
+        end = len(data)
+        pos = 0
         try:
-            while end - offset >= HEADER_SIZE:
-                length, kind, channel, _ = HEADER.unpack_from(buf, offset)
-                if length > MAX_PAYLOAD:
-                    raise WireError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
-                stop = offset + HEADER_SIZE + length
-                if stop > end:
-                    break
-                payload = bytes(buf[offset + HEADER_SIZE : stop])
-                offset = stop
-                yield kind, channel, payload
+            while True:
+                if self._parts is not None:  # the rest of a large payload
+                    take = min(self._missing, end - pos)
+                    if take:
+                        self._parts.append(data if take == end else view[pos : pos + take])
+                        pos += take
+                        self._missing -= take
+                        self._gathered += take
+                    if self._missing:
+                        return
+                    parts, self._parts = self._parts, None
+                    self._gathered = 0
+                    first = parts[0]
+                    payload = first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
+                    yield self._kind, self._channel, payload
+                elif self._buffer:
+                    item, pos = self._from_buffer(data, pos)
+                    if item is not None:
+                        yield item
+                    elif pos == end and self._parts is None:
+                        return
+                else:
+                    length = kind = channel = 0
+                    while end - pos >= HEADER_SIZE:
+                        length, kind, channel, _ = HEADER.unpack_from(data, pos)
+                        if length > MAX_PAYLOAD:
+                            raise WireError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+                        stop = pos + HEADER_SIZE + length
+                        if stop > end:
+                            break
+                        start, pos = pos + HEADER_SIZE, stop
+                        yield kind, channel, data[start:stop]
+                    if pos == end:
+                        return
+                    if end - pos >= HEADER_SIZE and length >= self.GATHER_SIZE:
+                        self._gather(kind, channel, length)
+                        pos += HEADER_SIZE
+                    else:
+                        self._buffer += view[pos:]
+                        pos = end
+                        return
         finally:
-            del buf[:offset]
+            if pos < end:  # stopped early (or a bad header): keep what was not taken
+                self._buffer += view[pos:]
+
+    def _gather(self, kind: int, channel: int, length: int) -> None:
+        self._kind, self._channel = kind, channel
+        self._parts = []
+        self._missing = length
+        self._gathered = 0
+
+    def _from_buffer(self, data: bytes, pos: int
+                     ) -> tuple[tuple[int, int, bytes] | None, int]:
+        """Complete the buffered frame with as few bytes of ``data`` (from ``pos``) as it
+        needs: (the frame, or None if it is incomplete or now gathered; the new position)."""
+        buf = self._buffer
+        end = len(data)
+        if len(buf) < HEADER_SIZE:
+            take = min(HEADER_SIZE - len(buf), end - pos)
+            buf += data[pos : pos + take]
+            pos += take
+            if len(buf) < HEADER_SIZE:
+                return None, pos
+        length, kind, channel, _ = HEADER.unpack_from(buf, 0)
+        if length > MAX_PAYLOAD:
+            raise WireError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+        total = HEADER_SIZE + length
+        if len(buf) < total and length >= self.GATHER_SIZE:
+            self._gather(kind, channel, length)
+            if len(buf) > HEADER_SIZE:
+                head = bytes(buf[HEADER_SIZE:])
+                assert self._parts is not None
+                self._parts.append(head)
+                self._missing -= len(head)
+                self._gathered = len(head)
+            buf.clear()
+            return None, pos
+        if len(buf) < total:
+            take = min(total - len(buf), end - pos)
+            buf += data[pos : pos + take]
+            pos += take
+            if len(buf) < total:
+                return None, pos
+        payload = bytes(buf[HEADER_SIZE:total])
+        del buf[:total]
+        return (kind, channel, payload), pos
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
+        if self._parts is not None:
+            return len(self._buffer) + HEADER_SIZE + self._gathered
         return len(self._buffer)
 
 

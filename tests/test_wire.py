@@ -38,6 +38,44 @@ def test_any_split_of_the_stream(frames: list[tuple[int, int, bytes]], step: int
     assert decoder.pending == 0
 
 
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.sampled_from([0, 5, 16 * 1024 - 1, 16 * 1024,
+                                                            70_000, 200_000])), max_size=8),
+    st.lists(st.integers(1, 300_000), min_size=1, max_size=30),
+    st.integers(0, 5),
+)
+def test_large_payloads_any_split_and_early_stops(sizes: list[tuple[int, int]],
+                                                 cuts: list[int], stop_after: int) -> None:
+    """Transfer-sized payloads are gathered across chunks; a consumer that stops iterating
+    gets the frames it did not take from the next feed."""
+    frames = [(k, i % 3, bytes([i]) * n) for i, (k, n) in enumerate(sizes)]
+    stream = b"".join(wire.frame(k, p, c) for k, c, p in frames)
+    decoder = wire.FrameDecoder()
+    got: list[tuple[int, int, bytes]] = []
+    pos = 0
+    chunks = []
+    for cut in cuts:
+        chunks.append(stream[pos : pos + cut])
+        pos += cut
+    chunks.append(stream[pos:])
+    for i, chunk in enumerate(chunks):
+        it = decoder.feed(chunk)
+        for n, item in enumerate(it):
+            got.append(item)
+            if i % 2 and n + 1 >= stop_after:
+                break
+        it.close()
+    got.extend(decoder.feed(b""))
+    while decoder.pending and len(got) < len(frames):
+        before = len(got)
+        got.extend(decoder.feed(b""))
+        if len(got) == before:
+            break
+    assert got == frames
+    assert decoder.pending == 0
+    assert all(type(p) is bytes for _, _, p in got)
+
+
 def test_oversized_length_is_rejected() -> None:
     bad = wire.HEADER.pack(wire.MAX_PAYLOAD + 1, wire.TEXT, 0, 0)
     with pytest.raises(wire.WireError):

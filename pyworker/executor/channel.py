@@ -49,7 +49,7 @@ class Channel:
     order (sorted stream names) before ``COMPLETE``.
     """
 
-    READ_SIZE = 256 * 1024
+    READ_SIZE = 1024 * 1024
 
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd = rfd
@@ -84,6 +84,19 @@ class Channel:
             except InterruptedError:
                 continue
             view = view[n:]
+
+    def write_frame(self, kind: int, payload: bytes | memoryview) -> None:
+        """One frame, its header and payload written together (no concatenated copy)."""
+        head = frames.header(kind, len(payload))
+        try:
+            n = os.writev(self.wfd, (head, payload))
+        except InterruptedError:
+            n = 0
+        if n < len(head):
+            self.write(head[n:])
+            n = len(head)
+        if n - len(head) < len(payload):
+            self.write(memoryview(payload)[n - len(head) :])
 
     def update(self, pairs: list[tuple[str, Any]], force: bool = False) -> None:
         """Send non-text updates (``rc``, ``elapsed``, ``stat``, ...)."""

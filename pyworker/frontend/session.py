@@ -373,7 +373,8 @@ class CommandSession:
             if isinstance(data, str):
                 data = data.encode("utf-8")
             STATS.bytes["download"] += len(data or b"")
-            self.executor.send(frames.frame(frames.DATA, data or b""))
+            data = data or b""
+            self.executor.send(frames.header(frames.DATA, len(data)), data)
 
         d = _guarded(self.master.call, "reader", "read", (length,))
         d.addCallbacks(got, lambda f: self._answer(frames.RESULT, (False, _failure_text(f))))

@@ -104,8 +104,8 @@ class FakeExecutor:
         #: "pause" / "resume" each time the state changes (repeats are not transitions).
         self.transitions: list[str] = []
 
-    def send(self, data: bytes) -> None:
-        for kind, _channel, payload in frames.FrameDecoder().feed(data):
+    def send(self, *parts: bytes) -> None:
+        for kind, _channel, payload in frames.FrameDecoder().feed(b"".join(parts)):
             self.sent.append((kind, payload if kind == frames.DATA else frames.load(payload)))
 
     def pause(self) -> None:

@@ -56,7 +56,7 @@ from pyworker.executor.process import process_umask
 from pyworker.iocore import _python as python_iocore
 
 #: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
-BLOCK_SIZE = 128 * 1024
+BLOCK_SIZE = 512 * 1024
 MAX_BLOCK_SIZE = 600 * 1024
 #: Bytes of blocks in flight (sent, not yet answered) per transfer.
 WINDOW = 2 * 1024 * 1024
@@ -314,7 +314,7 @@ class UploadDirectory(_Upload):
                 return False
             if not data:
                 return True
-            self.channel.write(frames.frame(frames.WRITE, data))
+            self.channel.write_frame(frames.WRITE, data)
             self.sent(len(data))
         self.rc = 1
         return True
