@@ -214,6 +214,20 @@ class FrameDecoder:
         return (kind, channel, payload), pos
 
     @property
+    def needed(self) -> int:
+        """Bytes that complete the frame begun (0: none is begun, or the buffer already
+        holds whole frames, which ``feed(b"")`` yields)."""
+        if self._parts is not None:
+            return self._missing
+        buf = self._buffer
+        if not buf:
+            return 0
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(buf)
+        length: int = HEADER.unpack_from(buf, 0)[0]
+        return max(HEADER_SIZE + length - len(buf), 0)
+
+    @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
         if self._parts is not None:

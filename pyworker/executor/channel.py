@@ -7,6 +7,7 @@ front end's control frames (``INTERRUPT``, answers to the command's calls).
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import select
@@ -41,6 +42,11 @@ class Interrupted(CommandError):
     """An interrupt ended a wait for the master's answer: the answer is abandoned."""
 
 
+#: The kind of an inbox entry for a ``DATA`` payload that went straight into the sink
+#: (not a wire kind): :meth:`Channel.take_sunk` gives its size.
+SUNK = -1
+
+
 class Channel:
     """The executor's end of the pipe pair, plus the per-command output state.
 
@@ -73,6 +79,12 @@ class Channel:
         #: User and system CPU seconds of the command's processes that were waited for.
         self.children_cpu = (0.0, 0.0)
         self._poll: select.poll | None = None
+        #: A download's file: ``DATA`` payloads are spliced into it from the pipe, never
+        #: read into memory (see :meth:`sink_data`).
+        self._sink: int | None = None
+        self._sunk: deque[int] = deque()
+        #: The first error writing to the sink (the payloads after it are discarded).
+        self.sink_error: str | None = None
 
     # -- writing -------------------------------------------------------------------------
 
@@ -164,14 +176,72 @@ class Channel:
 
     # -- reading -------------------------------------------------------------------------
 
+    def sink_data(self, fd: int | None) -> None:
+        """Splice the payloads of the ``DATA`` frames that come from now on into ``fd``
+        (None: stop); each is an inbox entry of kind :data:`SUNK`. The pipe is then read
+        frame by frame, so that a payload is still in the pipe when its header is read."""
+        self._sink = fd
+
+    def take_sunk(self) -> int:
+        """The size of the oldest ``DATA`` payload written to the sink."""
+        return self._sunk.popleft()
+
     def fill(self) -> None:
         """Read what is available on the control pipe (one read) and queue its frames."""
+        decoder = self._decoder
+        if self._sink is None:
+            want = self.READ_SIZE
+        elif decoder.needed:
+            want = decoder.needed  # to the end of the frame begun, and no further
+        elif decoder.pending:
+            self._queue(b"")  # whole frames left by an early stop
+            return
+        else:
+            want = frames.HEADER_SIZE
         try:
-            data = os.read(self.rfd, self.READ_SIZE)
+            data = os.read(self.rfd, want)
         except InterruptedError:
             return
         if not data:
             raise FrontEndGone.now()
+        if want == frames.HEADER_SIZE and len(data) == want and self._sink is not None \
+                and not decoder.pending and self._sink_payload(data):
+            return
+        self._queue(data)
+
+    def _sink_payload(self, head: bytes) -> bool:
+        """If ``head`` starts a ``DATA`` frame with a payload (and no interrupt came),
+        move the payload into the sink and queue it as :data:`SUNK`."""
+        length, kind, channel, _ = frames.HEADER.unpack(head)
+        if (kind != frames.DATA or not length or length > frames.MAX_PAYLOAD
+                or self._sink is None or self.interrupt_reason is not None):
+            return False
+        left = length
+        while left and self.sink_error is None:
+            try:
+                left -= _splice(self.rfd, self._sink, left)
+            except InterruptedError:
+                continue
+            except EOFError:
+                raise FrontEndGone.now() from None
+            except _SinkFailed as e:
+                left -= e.consumed
+                self.sink_error = f"{type(e.error).__name__}: {e.error}"
+            except OSError as e:  # splice(2) failed: nothing was moved
+                self.sink_error = f"{type(e).__name__}: {e}"
+        while left:  # after a write error: the rest of the payload is dropped
+            try:
+                got = len(os.read(self.rfd, min(left, self.READ_SIZE)))
+            except InterruptedError:
+                continue
+            if not got:
+                raise FrontEndGone.now()
+            left -= got
+        self._sunk.append(length)
+        self._inbox.append((SUNK, channel, b""))
+        return True
+
+    def _queue(self, data: bytes) -> None:
         for item in self._decoder.feed(data):
             if item[0] == frames.INTERRUPT and not self._start_queued():
                 self._interrupt(marshal.loads(item[2]))
@@ -253,8 +323,44 @@ class Channel:
             pump.close()
         self._pumps.clear()
         self.interrupt_reason = None
+        self._sink = None
+        self._sunk.clear()
+        self.sink_error = None
         self.abandoned = False
         self.on_interrupt = None
         self.running = True
         for payload in queued:
             self._interrupt(marshal.loads(payload))
+
+
+class _SinkFailed(Exception):
+    """Writing to the sink failed after ``consumed`` bytes were read from the pipe."""
+
+    def __init__(self, consumed: int, error: OSError) -> None:
+        super().__init__(consumed, error)
+        self.consumed = consumed
+        self.error = error
+
+
+def _splice(pipe: int, fd: int, count: int) -> int:
+    """Move up to ``count`` bytes (at least one) from ``pipe`` to the file ``fd``:
+    ``splice(2)``, or a read and a write where the file takes no splice."""
+    try:
+        n = os.splice(pipe, fd, count)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    else:
+        if not n:
+            raise EOFError
+        return n
+    data = os.read(pipe, min(count, Channel.READ_SIZE))
+    if not data:
+        raise EOFError
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        raise _SinkFailed(len(data), e) from None
+    return len(data)
