@@ -9,14 +9,18 @@ here a bounded window of blocks is in flight at any time:
 * downloads keep several ``READ`` requests out; the front end answers them in order with
   ``DATA`` frames (``b''`` past the end) or ``RESULT (False, text)`` when the master failed.
 
-Blocks are at most ``block_size`` bytes (512 KiB by default, under Twisted's 640 KiB string
-limit, whatever ``blocksize`` the master configured) and never reach past ``maxsize``, so at
-most ``window`` bytes of a transfer are ever held in memory. The worker's cost is per block
-(a frame each way, a PB call): 512 KiB took a 512 MiB ``uploadFile`` from 4.3 to 3.3 worker
-CPU s/GiB against 128 KiB. The master pays some of it back on uploads, as its PB decoder
-copies a partly received string once per network read (master CPU 4.2 s/GiB at 128 KiB,
-5.3 at 512 KiB, as for the minimal worker's 512 KiB). A download block goes from the pipe
-into the file by ``splice(2)`` (:meth:`Channel.sink_data`), never through memory here.
+Blocks are at most ``block_size`` bytes, under Twisted's 640 KiB string limit whatever
+``blocksize`` the master configured, and never reach past ``maxsize``, so at most ``window``
+bytes of a transfer are ever held in memory. By default a download reads 512 KiB blocks
+and an upload writes 256 KiB ones. The worker's cost is per block (a frame each way, a PB
+call): at 512 MiB, 512 KiB blocks took ``uploadFile`` from 4.3 to 3.3 worker CPU s/GiB
+against 128 KiB. The master's cost on uploads grows with the block, as its PB decoder
+copies a partly received string once per network read: master CPU s/GiB 4.2 at 128 KiB,
+3.7 at 256 KiB, 5.1-5.9 at 512 KiB (the minimal worker's 4.9-6.0); at 256 KiB uploads ran
+at 1.2-1.3x the minimal worker's MiB/s on this 2-core machine, at 1.03-1.09x its worker
+CPU (512 KiB: 1.0x and 0.9-1.0x). A download block goes from the pipe into the file by
+``splice(2)`` (:meth:`Channel.sink_data`), never through memory here.
+
 At the first error from the master no new call is issued; the calls in flight are answered,
 then the failure is reported. An interrupt stops issuing at once; the closing calls are still made,
 but from then on no answer of the master is waited for (it may never come): an interrupted
@@ -59,8 +63,11 @@ from pyworker.executor.compress import ChunkedCompressor, default_threads
 from pyworker.executor.process import process_umask
 from pyworker.iocore import _python as python_iocore
 
-#: Largest block per ``write``/``read`` call (Twisted refuses strings above 640 KiB).
+#: Block per ``read`` call of a download (Twisted refuses strings above 640 KiB).
 BLOCK_SIZE = 512 * 1024
+#: Block per ``write`` call of an upload: smaller, as the master's cost per byte grows
+#: with the size of the strings it receives.
+UPLOAD_BLOCK_SIZE = 256 * 1024
 MAX_BLOCK_SIZE = 600 * 1024
 #: Bytes of blocks in flight (sent, not yet answered) per transfer.
 WINDOW = 2 * 1024 * 1024
@@ -71,6 +78,9 @@ MAX_MODE = 2**31 - 1
 
 class _Transfer(Command):
     """What the three transfers share: argument checks, the I/O window, the final updates."""
+
+    #: The default block size (the ``block_size`` io setting overrides it).
+    default_block: ClassVar[int] = BLOCK_SIZE
 
     def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
         super().__init__(channel, request)
@@ -86,7 +96,7 @@ class _Transfer(Command):
                 f"argument 'maxsize' must be an integer or None, not {maxsize!r:.60}"
             )
         self.maxsize: int | None = maxsize
-        self.block = _io_int(self.io, "block_size", BLOCK_SIZE, 1, MAX_BLOCK_SIZE)
+        self.block = _io_int(self.io, "block_size", self.default_block, 1, MAX_BLOCK_SIZE)
         self.window = max(self.block, _io_int(self.io, "window", WINDOW, 1, 256 * 1024 * 1024))
         self.rc = 0
         self.stderr: str | None = None
@@ -123,6 +133,7 @@ class _Upload(_Transfer):
     """The write window shared by file and directory uploads."""
 
     required_args: ClassVar[tuple[str, ...]] = ("path", "blocksize", "maxsize")
+    default_block = UPLOAD_BLOCK_SIZE
 
     def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
         super().__init__(channel, request)
