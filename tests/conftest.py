@@ -8,6 +8,11 @@ Environment (``ci/test.sh`` sets all of them):
   ``$BUILDBOT_MASTER_VENV/bin/buildbot-worker``).
 * ``PYWORKER`` — the ``pyworker`` executable under test (e.g. ``.venvs/worker/bin/pyworker``).
   Unset: the ``pyworker`` variants of :func:`worker_executable` are skipped.
+
+``--without-reference`` deselects the reference worker's runs of the tests that run against
+both workers (a parameter whose value is ``"reference"``, as :func:`worker_executable`'s):
+``PYWORKER_IO`` does not change the reference, so
+CI runs them in its first I/O backend's stage only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,29 @@ from realmaster import (
 SETUP_HINT = (
     "run `bash ci/test.sh`, or `bash ci/setup.sh` and export BUILDBOT_MASTER_VENV=.venvs/master"
 )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--without-reference", action="store_true",
+        help="deselect the reference worker's runs of the tests that run against both workers",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--without-reference"):
+        return
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "reference" in callspec.params.values():
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")
