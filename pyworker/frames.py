@@ -97,6 +97,14 @@ def load(payload: bytes) -> Any:
         raise WireError(f"bad marshalled payload: {e}") from None
 
 
+def _top_up(buf: bytearray, size: int, data: bytes, pos: int) -> int:
+    """Move bytes of ``data`` from ``pos`` into ``buf`` until it holds ``size`` (or ``data``
+    ends); the new position in ``data``."""
+    take = min(size - len(buf), len(data) - pos)
+    buf += data[pos : pos + take]
+    return pos + take
+
+
 class FrameDecoder:
     """Incremental decoder: feed it bytes, iterate over the whole frames they complete.
 
@@ -182,11 +190,8 @@ class FrameDecoder:
         """Complete the buffered frame with as few bytes of ``data`` (from ``pos``) as it
         needs: (the frame, or None if it is incomplete or now gathered; the new position)."""
         buf = self._buffer
-        end = len(data)
         if len(buf) < HEADER_SIZE:
-            take = min(HEADER_SIZE - len(buf), end - pos)
-            buf += data[pos : pos + take]
-            pos += take
+            pos = _top_up(buf, HEADER_SIZE, data, pos)
             if len(buf) < HEADER_SIZE:
                 return None, pos
         length, kind, channel, _ = HEADER.unpack_from(buf, 0)
@@ -204,9 +209,7 @@ class FrameDecoder:
             buf.clear()
             return None, pos
         if len(buf) < total:
-            take = min(total - len(buf), end - pos)
-            buf += data[pos : pos + take]
-            pos += take
+            pos = _top_up(buf, total, data, pos)
             if len(buf) < total:
                 return None, pos
         payload = bytes(buf[HEADER_SIZE:total])
